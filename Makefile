@@ -1,0 +1,39 @@
+# Every target creates the virtual environment on first use, so a fresh clone needs only
+# `make run` or `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test test-all lint format bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m uflow_exp $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "" $(ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check uflow_exp tests benchmarks
+	$(PY) -m ruff format --check uflow_exp tests benchmarks
+
+format: $(STAMP)
+	$(PY) -m ruff format uflow_exp tests benchmarks
+	$(PY) -m ruff check --fix uflow_exp tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache logs build *.egg-info

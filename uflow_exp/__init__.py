@@ -1,0 +1,1 @@
+"""U-Flow anomaly segmentation experiments."""

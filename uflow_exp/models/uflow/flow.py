@@ -1,0 +1,78 @@
+"""The U-shaped normalizing flow as a FrEIA graph.
+
+Coarsest scale first: a stage of ``flow_steps`` AllInOne blocks, then a channel split whose second
+part is that scale's latent and whose first part is pixel-shuffled up (IRevNet upsampling) and
+concatenated after the next finer scale's features. The finest stage's output is the last latent.
+Node creation order fixes ``module_list`` indices, which must match the reference checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import FrEIA.framework as ff
+import FrEIA.modules as fm
+from torch import nn
+
+
+def subnet_factory(kernel_size: int, channels_ratio: float):
+    """The coupling subnet: conv k x k, ReLU, conv k x k, with 'same' padding."""
+
+    def build(c_in: int, c_out: int) -> nn.Module:
+        hidden = int(c_in * channels_ratio)
+        return nn.Sequential(
+            nn.Conv2d(c_in, hidden, kernel_size, padding="same"),
+            nn.ReLU(),
+            nn.Conv2d(hidden, c_out, kernel_size, padding="same"),
+        )
+
+    return build
+
+
+def _flow_stage(node, steps: int, affine_clamp: float, channels_ratio: float, permute_soft: bool):
+    stage = []
+    for step in range(steps):
+        node = ff.Node(
+            node,
+            fm.AllInOneBlock,
+            {
+                "subnet_constructor": subnet_factory(3 if step % 2 == 0 else 1, channels_ratio),
+                "affine_clamping": affine_clamp,
+                "permute_soft": permute_soft,
+            },
+            name=f"flow{node.output_dims[0][-1]}_step{step}",
+        )
+        stage.append(node)
+    return stage
+
+
+def build_uflow_graph(
+    channels: Sequence[int],
+    sizes: Sequence[int],
+    flow_steps: int = 4,
+    affine_clamp: float = 2.0,
+    subnet_channels_ratio: float = 1.0,
+    permute_soft: bool = False,
+) -> ff.GraphINN:
+    """The U-flow over per-scale inputs ``(channels[i], sizes[i], sizes[i])``, finest first.
+
+    The graph returns one latent per scale, finest first.
+    """
+    if flow_steps < 1:
+        raise ValueError(f"flow_steps must be >= 1, got {flow_steps}")
+    inputs = [ff.InputNode(c, s, s, name=f"input_{i}") for i, (c, s) in enumerate(zip(channels, sizes, strict=True))]
+    nodes, outputs = [], []
+    current = inputs[-1]
+    for scale in range(len(inputs) - 1, 0, -1):
+        stage = _flow_stage(current, flow_steps, affine_clamp, subnet_channels_ratio, permute_soft)
+        volume = stage[-1].output_dims[0][0]
+        kept = volume // 8 * 4
+        split = ff.Node(stage[-1], fm.Split, {"section_sizes": (kept, volume - kept), "dim": 0}, name=f"split_{scale}")
+        up = ff.Node(split.out0, fm.IRevNetUpsampling, {}, name=f"up_{scale}")
+        current = ff.Node([inputs[scale - 1].out0, up.out0], fm.Concat, {"dim": 0}, name=f"cat_{scale}")
+        outputs.append(ff.OutputNode(split.out1, name=f"z_{scale}"))
+        nodes += [*stage, split, up, current]
+    stage = _flow_stage(current, flow_steps, affine_clamp, subnet_channels_ratio, permute_soft)
+    outputs.append(ff.OutputNode(stage[-1], name="z_0"))
+    nodes += stage
+    return ff.GraphINN(inputs + nodes + outputs[::-1], force_tuple_output=True)

@@ -1,0 +1,114 @@
+"""U-Flow: frozen multi-scale features -> U-shaped normalizing flow -> latents per scale."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .anomaly_map import anomaly_map
+from .feature_extraction import build_feature_extractor
+from .flow import build_uflow_graph
+
+log = logging.getLogger(__name__)
+
+# Prefixes of the authors' checkpoints that belong to the model; everything else in their
+# Lightning checkpoints (metric states such as aupro / f1 / mcc buffers, loss weights) is dropped.
+MODEL_PREFIXES = ("feature_extractor.", "flow.")
+
+
+class UFlow(nn.Module):
+    """The U-Flow model (pure torch).
+
+    Args:
+        backbone: ``mcait``, ``resnet18``, ``wide_resnet50_2``, ``efficientnet_lite0`` or another timm
+            ``features_only`` model name.
+        input_size: square input side in pixels (``mcait`` needs 448).
+        flow_steps: AllInOne blocks per scale.
+        affine_clamp: soft clamp of the coupling's log-scale.
+        subnet_channels_ratio: hidden channels of the coupling subnet relative to its input.
+        permute_soft: random orthogonal instead of hard channel permutations.
+        pretrained: take ImageNet weights (the hub, or the offline package for efficientnet_lite0).
+        weights: a local weights file (two files for mcait) instead of ``pretrained``.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "mcait",
+        input_size: int = 448,
+        flow_steps: int = 4,
+        affine_clamp: float = 2.0,
+        subnet_channels_ratio: float = 1.0,
+        permute_soft: bool = False,
+        pretrained: bool = True,
+        weights: str | Path | Sequence[str | Path] | None = None,
+    ):
+        super().__init__()
+        self.input_size = input_size
+        self.feature_extractor = build_feature_extractor(backbone, input_size, pretrained, weights)
+        self.flow = build_uflow_graph(
+            self.feature_extractor.channels,
+            self.feature_extractor.feature_sizes,
+            flow_steps=flow_steps,
+            affine_clamp=affine_clamp,
+            subnet_channels_ratio=subnet_channels_ratio,
+            permute_soft=permute_soft,
+        )
+
+    def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Raw backbone outputs (no gradient; cacheable while the backbone is frozen)."""
+        return self.feature_extractor.extract(images)
+
+    def normalize(self, raw_features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return self.feature_extractor.normalize(raw_features)
+
+    def encode(self, features: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Latents (finest scale first) and the log-Jacobian determinant per sample."""
+        z, log_jac_det = self.flow(list(features), rev=False)
+        return list(z), log_jac_det
+
+    def anomaly_map(self, z: Sequence[torch.Tensor], size: int | None = None) -> torch.Tensor:
+        return anomaly_map(z, self.input_size if size is None else size)
+
+    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        return self.encode(self.normalize(self.extract(images)))
+
+    def load_reference_state_dict(self, state_dict: Mapping[str, torch.Tensor] | str | Path) -> None:
+        """Load weights in the authors' layout: a state_dict, or a checkpoint file of their release
+        format (a Lightning ``.ckpt`` whose ``state_dict`` keys carry a ``model.`` prefix).
+
+        Backbone tensors may be absent (the backbone then keeps the weights it was built with);
+        every flow and normalisation tensor must be present and fit.
+        """
+        if not isinstance(state_dict, Mapping):
+            state_dict = torch.load(Path(state_dict), map_location="cpu", weights_only=True)
+        if isinstance(state_dict.get("state_dict"), Mapping):
+            state_dict = state_dict["state_dict"]
+        cleaned, dropped = {}, []
+        for key, value in state_dict.items():
+            key = key.removeprefix("model.")
+            if key.startswith(MODEL_PREFIXES):
+                cleaned[key] = value
+            else:
+                dropped.append(key)
+        if dropped:
+            log.info("Ignoring %d non-model entries (e.g. %s)", len(dropped), dropped[0])
+        result = self.load_state_dict(cleaned, strict=False)
+        backbone_keys = {
+            f"feature_extractor.{name}.{key}"
+            for name, module in self.feature_extractor.named_children()
+            if module in self.feature_extractor.backbone_modules()
+            for key in module.state_dict()
+        }
+        missing = [k for k in result.missing_keys if k not in backbone_keys]
+        if missing or result.unexpected_keys:
+            raise KeyError(
+                f"state_dict does not fit this UFlow: missing {missing[:5]} ({len(missing)}), "
+                f"unexpected {result.unexpected_keys[:5]} ({len(result.unexpected_keys)}); "
+                "check backbone, input_size and flow_steps"
+            )
+        if result.missing_keys:
+            log.info("Backbone weights not in the state_dict; kept the %d loaded at construction", len(result.missing_keys))

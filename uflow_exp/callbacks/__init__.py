@@ -1,0 +1,5 @@
+"""Lightning callbacks of the project."""
+
+from uflow_exp.callbacks.test_images import TestImageLogger
+
+__all__ = ["TestImageLogger"]

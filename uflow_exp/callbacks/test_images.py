@@ -1,0 +1,91 @@
+"""Saves (and logs to W&B) a few test images beside their ground truth, anomaly map and mask."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from uflow_exp.models.uflow import IMAGENET_MEAN, IMAGENET_STD
+
+
+def _denormalize(image: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN, device=image.device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, device=image.device)[:, None, None]
+    return (image * std + mean).clamp(0, 1)
+
+
+def render_panel(image, mask, amap, segmentation, title: str, path: Path) -> None:
+    """One row: image | ground truth | anomaly map (with colour bar) | automatic segmentation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.4), constrained_layout=True)
+    panels = [
+        (image.permute(1, 2, 0).numpy(), "image", {}),
+        (mask.numpy(), "ground truth", {"cmap": "gray", "vmin": 0, "vmax": 1}),
+        (amap.numpy(), "anomaly map", {"cmap": "jet", "vmin": 0, "vmax": 1}),
+        (segmentation.numpy(), "automatic mask", {"cmap": "gray", "vmin": 0, "vmax": 1}),
+    ]
+    for ax, (array, name, kwargs) in zip(axes, panels, strict=True):
+        shown = ax.imshow(array, **kwargs)
+        ax.set_title(name)
+        ax.axis("off")
+        if name == "anomaly map":
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(title, fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+class TestImageLogger(L.Callback):
+    """Keeps the first ``max_images`` test samples (anomalous ones first once seen) and renders them
+    at test end into ``output_dir``; also logs them to W&B when a W&B logger is attached."""
+
+    def __init__(self, max_images: int = 8, output_dir: str = "test_images") -> None:
+        self.max_images = max_images
+        self.output_dir = Path(output_dir)
+        self._kept: list[dict] = []
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._kept = []
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if len(self._kept) >= self.max_images or not outputs:
+            return
+        size = outputs["anomaly_map"].shape[-1]
+        images = F.interpolate(batch["image"], size=(size, size), mode="bilinear", align_corners=False)
+        for i in range(len(images)):
+            if len(self._kept) >= self.max_images:
+                break
+            self._kept.append(
+                {
+                    "image": _denormalize(images[i]).cpu(),
+                    "mask": outputs["mask"][i, 0].float().cpu(),
+                    "amap": outputs["anomaly_map"][i, 0].float().cpu(),
+                    "segmentation": outputs["segmentation"][i, 0].float().cpu(),
+                    "path": batch["path"][i],
+                }
+            )
+
+    @rank_zero_only
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        paths = []
+        for index, sample in enumerate(self._kept):
+            path = self.output_dir / f"{index:03d}_{Path(sample['path']).stem}.png"
+            render_panel(
+                sample["image"], sample["mask"], sample["amap"], sample["segmentation"], sample["path"], path
+            )
+            paths.append(path)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and paths:
+                logger.log_image(key="test/examples", images=[str(p) for p in paths],
+                                 caption=[s["path"] for s in self._kept])
+        self._kept = []

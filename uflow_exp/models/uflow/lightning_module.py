@@ -1,0 +1,153 @@
+"""Lightning wiring of the pure-torch U-Flow: training, validation, testing, thresholds, metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from uflow_exp.metrics import AnomalyMetrics
+from uflow_exp.models.uflow.loss import nll_loss
+from uflow_exp.models.uflow.model import UFlow
+from uflow_exp.thresholds import Threshold
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers -> plain Python, so checkpoints load with ``weights_only=True``."""
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+
+
+class UFlowModule(L.LightningModule):
+    """Trains the flow by NLL; validates on held-out normal images (``val/loss``) and, when the
+    validation set holds anomalies, with the test metrics; tests with the threshold mode.
+
+    Args:
+        backbone: ``{name, input_size, pretrained, weights}``.
+        flow: ``{flow_steps, affine_clamp, subnet_channels_ratio, permute_soft}``.
+        threshold: a ``_target_`` config of a ``uflow_exp.thresholds.Threshold``.
+        optimizer: a ``_partial_`` optimizer config (called with the trainable parameters).
+        scheduler: a ``_partial_`` epoch-wise scheduler config, or None.
+        eval_size: side of the maps that metrics and thresholds see (the reference uses 256).
+        metric_bins: score bins of the pixel metrics (memory stays bounded; see uflow_exp.metrics).
+    """
+
+    def __init__(
+        self,
+        backbone: dict,
+        flow: dict,
+        threshold: dict,
+        optimizer: dict,
+        scheduler: dict | None = None,
+        eval_size: int | None = None,
+        metric_bins: int = 10_000,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(
+            {
+                "backbone": _plain(backbone),
+                "flow": _plain(flow),
+                "threshold": _plain(threshold),
+                "optimizer": _plain(optimizer),
+                "scheduler": _plain(scheduler),
+                "eval_size": eval_size,
+                "metric_bins": metric_bins,
+            }
+        )
+        hp = self.hparams
+        self.model = UFlow(
+            backbone=hp.backbone["name"],
+            input_size=hp.backbone["input_size"],
+            pretrained=hp.backbone.get("pretrained", True),
+            weights=hp.backbone.get("weights"),
+            **hp.flow,
+        )
+        self.threshold: Threshold = hydra.utils.instantiate(hp.threshold)
+        self.eval_size = eval_size or hp.backbone["input_size"]
+        self.val_metrics = AnomalyMetrics(n_bins=metric_bins)
+        self.test_metrics = AnomalyMetrics(n_bins=metric_bins)
+        self._val_anomalous = 0
+
+    @classmethod
+    def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu") -> UFlowModule:
+        """Load a trained model; the backbone's weights come from the checkpoint, not the hub."""
+        hparams = torch.load(path, map_location="cpu", weights_only=True)["hyper_parameters"]
+        backbone = {**hparams["backbone"], "pretrained": False, "weights": None}
+        return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True, backbone=backbone)
+
+    # -- steps -------------------------------------------------------------------------------------
+    def _latents(self, batch: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
+        raw = batch["features"] if "features" in batch else self.model.extract(batch["image"])
+        return self.model.encode(self.model.normalize(raw))
+
+    def _eval_masks(self, batch: dict) -> torch.Tensor:
+        mask = batch["mask"].float()
+        if mask.shape[-1] != self.eval_size:
+            mask = F.interpolate(mask, size=(self.eval_size, self.eval_size), mode="bilinear", align_corners=False)
+        return mask >= 0.5
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = nll_loss(*self._latents(batch))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
+                f"(batch {batch_idx}). Usual causes: a learning rate too high for this batch size "
+                "(try optimizer.lr 10x lower), images that are constant or corrupt, or affine_clamp too large."
+            )
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch["image"]))
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_anomalous = 0
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        z, log_jac_det = self._latents(batch)
+        self.log("val/loss", nll_loss(z, log_jac_det), on_epoch=True, prog_bar=True, sync_dist=True,
+                 batch_size=len(batch["image"]))
+        amap = self.model.anomaly_map(z, self.eval_size)
+        mask = self._eval_masks(batch)
+        self.threshold.calibration_update(amap, mask)
+        self.val_metrics.update(amap, mask)
+        self._val_anomalous += int(batch["label"].sum())
+
+    def on_validation_epoch_end(self) -> None:
+        if self.threshold.needs_calibration and not self.trainer.sanity_checking:
+            self.threshold.calibrate()
+        anomalous = self.trainer.strategy.reduce(torch.tensor(float(self._val_anomalous), device=self.device),
+                                                 reduce_op="sum")
+        if anomalous > 0:  # validating on the test set (paper protocol): pixel metrics mean something
+            metrics = self.val_metrics.compute()
+            self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=False)
+        self.val_metrics.reset()
+
+    def test_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        z, _ = self._latents(batch)
+        amap = self.model.anomaly_map(z, self.eval_size)
+        mask = self._eval_masks(batch)
+        segmentation, significance = self.threshold.segment(z, amap)
+        self.test_metrics.update(amap, mask, segmentation)
+        return {"anomaly_map": amap, "segmentation": segmentation, "significance": significance, "mask": mask}
+
+    def on_test_epoch_end(self) -> None:
+        metrics = self.test_metrics.compute()
+        self.log_dict({f"test/{k}": v for k, v in metrics.items()}, sync_dist=False)
+        self.test_metrics.reset()
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        z, _ = self._latents(batch)
+        amap = self.model.anomaly_map(z, self.eval_size)
+        segmentation, significance = self.threshold.segment(z, amap)
+        return {"anomaly_map": amap, "segmentation": segmentation, "significance": significance}
+
+    # -- optimisation ------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = hydra.utils.instantiate(self.hparams.optimizer)(params=params)
+        if not self.hparams.scheduler:
+            return optimizer
+        scheduler = hydra.utils.instantiate(self.hparams.scheduler)(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+

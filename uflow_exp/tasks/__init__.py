@@ -1,0 +1,1 @@
+"""Tasks: instantiate from a config, run, return the metrics."""

@@ -1,0 +1,67 @@
+"""Train U-Flow, then test the best checkpoint."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+from uflow_exp.utils import find_last_checkpoint, instantiate_dict, print_config, write_metrics
+
+log = logging.getLogger(__name__)
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    if cfg.ckpt_path in (None, ""):
+        return None
+    if cfg.ckpt_path == "last":
+        return str(find_last_checkpoint(Path(cfg.paths.log_dir), cfg.task_name))
+    path = Path(cfg.ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
+    return str(path)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    output_dir = Path(cfg.paths.output_dir)
+    print_config(cfg, output_dir / "config_resolved.yaml")
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    ckpt_path = resolve_ckpt_path(cfg)
+
+    # Everything that can be misconfigured is built (and the data validated) before any compute.
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.dataset)
+    model: L.LightningModule = hydra.utils.instantiate(cfg.model)
+    if getattr(model.threshold, "needs_labels", False) and cfg.dataset.get("val_split") != "test":
+        raise ValueError("threshold=f1_adaptive uses labels: set dataset.val_split=test (paper protocol)")
+    loggers = instantiate_dict(cfg.get("logger"))
+    callbacks = instantiate_dict(cfg.get("callbacks"))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(_flat_config(cfg))
+
+    metrics: dict = {}
+    if cfg.get("train"):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        metrics |= {k: v for k, v in trainer.callback_metrics.items() if not k.startswith("test/")}
+    if cfg.get("test"):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if cfg.get("train") and best:
+            log.info("Testing the best checkpoint %s", best)
+            trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
+        else:
+            trainer.test(model, datamodule=datamodule)
+        metrics |= {k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    if trainer.is_global_zero:
+        metrics = write_metrics(metrics, output_dir / "metrics.json")
+        log.info("Metrics: %s", metrics)
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def _flat_config(cfg: DictConfig) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)

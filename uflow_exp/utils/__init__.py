@@ -1,0 +1,14 @@
+"""Helpers shared by the tasks: resolvers, instantiation, config printing, run bookkeeping."""
+
+from uflow_exp.utils.config import CONFIG_DIR, print_config, register_resolvers
+from uflow_exp.utils.runs import find_last_checkpoint, instantiate_dict, run_task, write_metrics
+
+__all__ = [
+    "CONFIG_DIR",
+    "find_last_checkpoint",
+    "instantiate_dict",
+    "print_config",
+    "register_resolvers",
+    "run_task",
+    "write_metrics",
+]

@@ -1,0 +1,60 @@
+"""Where the configs live, the project's OmegaConf resolvers, and a readable config tree."""
+
+from __future__ import annotations
+
+import os
+from importlib.resources import files
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def _config_dir() -> str:
+    # A source checkout (editable install) keeps conf/ beside the package; a wheel ships it inside.
+    source = Path(__file__).resolve().parents[2] / "conf"
+    if source.is_dir():
+        return str(source)
+    return str(files("uflow_exp") / "conf")
+
+
+CONFIG_DIR = _config_dir()
+
+
+def _wandb_offline() -> bool:
+    # W&B's own variable decides when set; otherwise offline, so no server is ever required.
+    return os.environ.get("WANDB_MODE", "offline") != "online"
+
+
+def _sweep_group() -> str | None:
+    """Multirun jobs share a W&B group named after their sweep folder; single runs have none."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return Path(hydra_cfg.sweep.dir).name
+
+
+def register_resolvers() -> None:
+    OmegaConf.register_new_resolver("uflow_wandb_offline", _wandb_offline, replace=True)
+    OmegaConf.register_new_resolver("uflow_sweep_group", _sweep_group, replace=True)
+
+
+def print_config(cfg: DictConfig, path: Path | None = None) -> None:
+    """Print the resolved config as a rich tree (and save it as YAML beside the run)."""
+    import rich
+    import rich.syntax
+    import rich.tree
+
+    tree = rich.tree.Tree("config", guide_style="dim")
+    for key, value in cfg.items():
+        branch = tree.add(str(key), guide_style="dim")
+        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        branch.add(rich.syntax.Syntax(text, "yaml"))
+    rich.print(tree)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(OmegaConf.to_yaml(cfg, resolve=True))

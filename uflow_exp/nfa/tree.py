@@ -1,0 +1,278 @@
+"""Tree (max-tree) a-contrario NFA of U-Flow, computed with array operations.
+
+The reference prunes and merges a networkx graph node by node. The same result follows from a
+closed form over the max-tree, evaluated in O(n log n) vectorised numpy over all images and scales:
+
+* A *segment* is a maximal chain of single-child nodes together with the leaf or bifurcation at its
+  bottom. Pruning keeps, in each segment that has become a leaf branch, the node of minimal value
+  (the deepest one on ties, as ``np.argmin`` over a leaf-first branch does). Which node that is does
+  not depend on when the segment is pruned.
+* A bifurcation whose child segments have all collapsed merges iff its value is <= the smallest of
+  the children's kept values. A failed test never succeeds later (the values involved are fixed), so
+  a segment collapses iff no bifurcation in its subtree fails the test, whatever the pass order.
+* The painted regions are the kept nodes of the collapsed segments whose parent bifurcation did not
+  collapse (or of the root segment, if everything collapsed).
+
+Subtree sums and minima become range queries over a depth-first preorder, in which every subtree is
+a contiguous range.
+"""
+
+import math
+
+import numpy as np
+import torch
+from scipy.sparse import csr_array
+from scipy.sparse.csgraph import depth_first_order
+from scipy.special import logsumexp
+from skimage.morphology import max_tree
+from torch.nn import functional as F
+
+# Polyomino-count fit used by the reference: number of 4-connected shapes of r pixels ~ ALPHA * BETA^r / r.
+_POLYOMINO_ALPHA = 0.316915
+_POLYOMINO_BETA = 4.062570
+_FOREST_PIXELS = 1 << 18
+
+
+def log_number_of_tests(sizes: list[int]) -> float:
+    """log10 of sum_s N_s * sum_{r=1..N_s} ALPHA * BETA^r / r, the number of tested regions.
+
+    Summed in log space because BETA^r overflows float64 for r > ~500. The result is rounded to float32
+    because the reference does so before adding it to the map, and the segmentation threshold sits
+    exactly where the two terms cancel.
+    """
+    per_scale = []
+    for n in sizes:
+        r = np.arange(1, n + 1, dtype=np.float64)
+        per_scale.append(np.log(n) + logsumexp(r * np.log(_POLYOMINO_BETA) - np.log(r)))
+    ln_tests = np.log(_POLYOMINO_ALPHA) + logsumexp(per_scale)
+    return float(np.float32(ln_tests / np.log(10)))
+
+
+def tree_nfa(z: list[torch.Tensor], target_size: int) -> torch.Tensor:
+    """-log10 NFA of the tree method, shape (B, 1, target_size, target_size); positive = significant.
+
+    ``z`` holds one latent per scale, each (B, C_s, H_s, W_s), finite. The automatic segmentation is
+    ``tree_nfa(z, size) > 0`` (NFA < 1). The result is on the device of ``z[0]``.
+    """
+    if min(min(zs.shape[-2:]) for zs in z) < 3:
+        raise ValueError("tree_nfa needs latents of at least 3 x 3 pixels (skimage's max_tree fails below)")
+    with torch.no_grad():
+        z_cpu = [zs.detach().cpu() for zs in z]
+        batch = z_cpu[0].shape[0]
+        out = np.empty((batch, 1, target_size, target_size), dtype=np.float32)
+        # Images are processed in forests of at most ~2^18 pixels: large enough to amortise the fixed
+        # cost of the array operations, small enough to bound their memory.
+        chunk = max(1, _FOREST_PIXELS // sum(zs[0, 0].numel() for zs in z_cpu))
+        for lo in range(0, batch, chunk):
+            log_prob = out[lo : lo + chunk]
+            for s, maps in enumerate(region_log_prob_maps([zs[lo : lo + chunk] for zs in z_cpu])):
+                # nan_to_num as the reference: unpainted pixels -> 0, -inf -> the most negative float32.
+                maps = torch.from_numpy(np.nan_to_num(maps, nan=0.0)).unsqueeze(1)
+                up = F.interpolate(
+                    maps, size=(target_size, target_size), mode="bilinear", align_corners=False
+                )
+                # Exact elementwise steps run in numpy: single-threaded, they avoid torch's thread
+                # barriers, which stall for milliseconds per op on an oversubscribed machine.
+                if s == 0:
+                    log_prob[...] = up.numpy()
+                else:
+                    np.minimum(log_prob, up.numpy(), out=log_prob)
+        log_n_tests = log_number_of_tests([int(zs.shape[-2] * zs.shape[-1]) for zs in z_cpu])
+        np.negative(np.add(out, np.float32(log_n_tests), out=out), out=out)
+        return torch.from_numpy(out).to(z[0].device)
+
+
+def _chernoff_log10_tail(s_min: np.ndarray, channels: np.ndarray) -> np.ndarray:
+    """log10 P(chi2_C >= s) bounded by Chernoff, with the reference's float32 -> float64 steps.
+
+    The reference evaluates this on numpy float32 scalars (NEP 50: Python numbers stay float32) and
+    only the final division by the float64 ln(10) widens; the casts below reproduce those roundings.
+    """
+    t = s_min / channels.astype(np.float32)
+    gap = (t - np.float32(1)) - np.log(t)
+    return ((-(channels / 2)).astype(np.float32) * gap).astype(np.float64) / np.log(10)
+
+
+def _pointer_jump(pointer: np.ndarray) -> np.ndarray:
+    """Follow ``pointer`` to its fixed points (every chain must end in one) in O(log length) steps."""
+    while True:
+        jumped = pointer[pointer]
+        if np.array_equal(jumped, pointer):
+            return pointer
+        pointer = jumped
+
+
+def _preorder(parent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Depth-first preorder position and subtree end (exclusive) of every node of a forest.
+
+    ``parent`` is -1 at the roots. scipy's compiled DFS, started from a virtual node above the roots,
+    gives the preorder; a subtree ends after its last descendant, reached by pointer jumping along
+    "child with the largest preorder position".
+    """
+    n = parent.size
+    up = np.where(parent < 0, n, parent)  # the virtual node n adopts the roots
+    by_parent = np.argsort(up, kind="stable")
+    indptr = np.zeros(n + 2, dtype=np.int64)
+    np.cumsum(np.bincount(up, minlength=n + 1), out=indptr[1:])
+    graph = csr_array((np.ones(n, dtype=np.int8), by_parent, indptr), shape=(n + 1, n + 1))
+    order = depth_first_order(graph, n, directed=True, return_predecessors=False)[1:]
+    pos = np.empty(n, dtype=np.int64)
+    pos[order] = np.arange(n)
+
+    kids = np.flatnonzero(parent >= 0)
+    last_pos = np.full(n, -1, dtype=np.int64)
+    np.maximum.at(last_pos, parent[kids], pos[kids])
+    last = _pointer_jump(np.where(last_pos >= 0, order[last_pos], np.arange(n)))
+    return pos, pos[last] + 1
+
+
+def _range_min(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """min(values[lo[i]:hi[i]]) for non-empty ranges, with a sparse table (O(n log n) build)."""
+    n = values.size
+    length = hi - lo
+    levels = int(length.max()).bit_length()
+    table = np.full((levels, n), np.inf, dtype=values.dtype)
+    table[0] = values
+    for j in range(1, levels):
+        half = 1 << (j - 1)
+        width = n - 2 * half + 1
+        table[j, :width] = np.minimum(table[j - 1, :width], table[j - 1, half : half + width])
+    j = np.frexp(length.astype(np.float64))[1] - 1
+    return np.minimum(table[j, lo], table[j, hi - (1 << j)])
+
+
+def _max_forest(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """skimage max-trees of several 2D images, indexed over their concatenated raveled pixels.
+
+    Returns ``(parent, traverser)``: each image's parent array as ``max_tree`` gives it (its root
+    points to itself), and one traverser in which each image's pixels appear in the order of that
+    image's own traverser, parents first.
+
+    The images are laid out as one mosaic, separated by -inf pixels, for a single ``max_tree`` call:
+    skimage's max_tree spends tens of microseconds on each pixel of the array border (it checks their
+    neighbours in Python), so a near-square mosaic costs far less than separate calls. Above -inf
+    every upper-level component lies inside one image, and the stable sort keeps each image's raster
+    order, so every image gets exactly the tree (canonical pixels included) a separate call gives.
+    """
+    # Shelf packing, tallest first, in rows about as wide as the square root of the total area.
+    shapes = [image.shape for image in images]
+    width = max(max(w for _, w in shapes), math.isqrt(sum((h + 1) * (w + 1) for h, w in shapes)))
+    corners = [(0, 0)] * len(images)
+    x = y = shelf = 0
+    for i in sorted(range(len(images)), key=lambda i: -shapes[i][0]):
+        h, w = shapes[i]
+        if x > 0 and x + w > width:
+            x, y, shelf = 0, y + shelf + 1, 0
+        corners[i] = (y, x)
+        x, shelf = x + w + 1, max(shelf, h)
+    mosaic_w = max(cx + w for (_, cx), (_, w) in zip(corners, shapes, strict=True))
+    mosaic = np.full((y + shelf, mosaic_w), -np.inf, dtype=images[0].dtype)
+    cells = []
+    for (cy, cx), image in zip(corners, images, strict=True):
+        h, w = image.shape
+        mosaic[cy : cy + h, cx : cx + w] = image
+        cells.append((np.arange(cy, cy + h)[:, None] * mosaic_w + np.arange(cx, cx + w)).ravel())
+    in_mosaic = np.concatenate(cells)
+    from_mosaic = np.full(mosaic.size, -1, dtype=np.int64)
+    from_mosaic[in_mosaic] = np.arange(in_mosaic.size)
+
+    mosaic_parent, mosaic_traverser = max_tree(mosaic, connectivity=1)
+    parent = from_mosaic[mosaic_parent.ravel()[in_mosaic]]
+    separated = parent < 0  # image roots hang below the separators' component
+    parent[separated] = np.flatnonzero(separated)
+    traverser = from_mosaic[mosaic_traverser]
+    return parent, traverser[traverser >= 0]
+
+
+def region_log_prob_maps(z: list[torch.Tensor]) -> list[np.ndarray]:
+    """Per-pixel log10 probability of the selected upper-level regions, per scale (B, H_s, W_s).
+
+    ``z`` holds CPU latents (B, C_s, H_s, W_s). Pixels outside every selected region are NaN, as in
+    the reference. All images and scales are processed as one forest so that the fixed cost of the
+    array operations is paid once per call.
+    """
+    scores, sums, channels = [], [], []
+    for zs in z:
+        batch, c = zs.shape[:2]
+        # The reference squares and reduces each image separately (torch mean for the score, numpy
+        # sum for S); squaring is exactly rounded in both libraries and these batched reductions give
+        # bit-identical values (tested), which matters because ties in the score shape the tree.
+        squared = zs**2
+        scores.extend(torch.mean(squared, dim=1).numpy())
+        sums.append(np.sum(squared.numpy().reshape(batch, c, -1), axis=1).ravel())
+        channels.append(np.full(zs[:, 0].numel(), c))
+    pix_parent, traverser = _max_forest(scores)
+    flat = np.concatenate([score.ravel() for score in scores])
+    s, pix_channels = np.concatenate(sums), np.concatenate(channels)
+    image_of_pixel = np.repeat(np.arange(len(scores)), [score.size for score in scores])
+    n_pix = flat.size
+
+    # Canonical pixels are the max-tree nodes: a plateau pixel shares its parent's level, and it only
+    # adds area to the node it points at (the reference folds it the same way).
+    canonical = flat[pix_parent] != flat
+    root_pixels = pix_parent == np.arange(n_pix)
+    canonical |= root_pixels
+    nodes = traverser[canonical[traverser]]  # parents precede children
+    n = nodes.size
+    node_of = np.empty(n_pix, dtype=np.int64)
+    node_of[nodes] = np.arange(n)
+    pixel_node = node_of[np.where(canonical, np.arange(n_pix), pix_parent)]
+    parent = np.where(root_pixels[nodes], -1, node_of[pix_parent[nodes]])
+    roots = np.flatnonzero(parent < 0)
+    kids = np.flatnonzero(parent >= 0)
+    tree_of = image_of_pixel[nodes]
+
+    pos, end = _preorder(parent)
+    order = np.empty(n, dtype=np.int64)
+    order[pos] = np.arange(n)
+    own_area = np.bincount(pixel_node, minlength=n)
+    own_min = np.full(n, np.inf, dtype=s.dtype)
+    np.minimum.at(own_min, pixel_node, s)
+    cum_area = np.concatenate(([0], np.cumsum(own_area[order])))
+    area = cum_area[end] - cum_area[pos]
+    s_min = _range_min(own_min[order], pos, end)
+    with np.errstate(divide="ignore"):  # S = 0 gives log10 P = -inf, as in the reference
+        value = area * _chernoff_log10_tail(s_min, pix_channels[nodes])
+
+    n_kids = np.bincount(parent[kids], minlength=n)
+    # Bottom of each node's segment: follow only-children down to a leaf or bifurcation.
+    unary_parent = kids[n_kids[parent[kids]] == 1]
+    bottom = np.arange(n)
+    bottom[parent[unary_parent]] = unary_parent
+    bottom = _pointer_jump(bottom)
+    seg_min = np.full(n, np.inf)
+    np.minimum.at(seg_min, bottom, value)
+    is_min = value == seg_min[bottom]
+    kept = np.full(n, -1, dtype=np.int64)
+    np.maximum.at(kept, bottom[is_min], np.flatnonzero(is_min))  # deepest minimum = largest index
+
+    child_best = np.full(n, np.inf)
+    np.minimum.at(child_best, parent[kids], seg_min[bottom[kids]])
+    bifurcation = n_kids >= 2
+    fails = bifurcation & ~(value <= child_best)
+    cum_fails = np.concatenate(([0], np.cumsum(fails[order])))
+    blocked = cum_fails[end] > cum_fails[pos]
+
+    tops = np.concatenate((kids[bifurcation[parent[kids]] & blocked[parent[kids]]], roots))
+    collapsed = bottom[tops][~blocked[bottom[tops]]]
+    leaves = kept[collapsed]
+    leaf_value = value[leaves]
+    # The reference keys each image's final regions by value in a dict: of regions with equal values
+    # only the last one (in traverser order) is painted. Reproduced for exactness.
+    by_value = np.lexsort((leaves, leaf_value, tree_of[leaves]))
+    same_next = (leaf_value[by_value][1:] == leaf_value[by_value][:-1]) & (
+        tree_of[leaves][by_value][1:] == tree_of[leaves][by_value][:-1]
+    )
+    leaves = leaves[by_value[np.append(~same_next, True)]]
+
+    start = pos[leaves]
+    by_start = np.argsort(start)
+    start, stop = start[by_start], end[leaves][by_start]
+    painted = value[leaves][by_start].astype(np.float32)
+    pixel_pos = pos[pixel_node]
+    slot = np.searchsorted(start, pixel_pos, side="right") - 1
+    inside = (slot >= 0) & (pixel_pos < stop[np.maximum(slot, 0)])
+    out = np.full(n_pix, np.nan, dtype=np.float32)
+    out[inside] = painted[slot[inside]]
+    bounds = np.cumsum([zs[:, 0].numel() for zs in z])[:-1]
+    return [m.reshape(zs[:, 0].shape) for m, zs in zip(np.split(out, bounds), z, strict=True)]

@@ -34,6 +34,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     # Everything that can be misconfigured is built (and the data validated) before any compute.
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.dataset)
+    datamodule.prepare_data()  # finds the files: a wrong root fails here, naming the layout
     model: L.LightningModule = hydra.utils.instantiate(cfg.model)
     if getattr(model.threshold, "needs_labels", False) and cfg.dataset.get("val_split") != "test":
         raise ValueError("threshold=f1_adaptive uses labels: set dataset.val_split=test (paper protocol)")

@@ -1,0 +1,118 @@
+"""Every option of every config group composes, and what it names can be built."""
+
+from pathlib import Path
+
+import hydra
+import hydra.errors
+import pytest
+from hydra import compose, initialize_config_dir
+
+from tests.framework_helpers import TINY, compose_train
+from uflow_exp.utils import CONFIG_DIR, instantiate_dict
+
+CONF = Path(CONFIG_DIR)
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("option", options("dataset"))
+def test_dataset_options_instantiate(option, tmp_path):
+    cfg = compose_train([*TINY, f"dataset={option}", f"dataset.root={tmp_path}"], tmp_path)
+    datamodule = hydra.utils.instantiate(cfg.dataset)
+    assert datamodule.name == option
+    assert datamodule.image_size == 64
+
+
+@pytest.mark.parametrize("option", [o for o in options("backbone") if o != "mcait"])
+def test_backbone_options_build_the_model(option, tmp_path):
+    cfg = compose_train([*TINY, f"backbone={option}", "backbone.pretrained=false", "backbone.input_size=64"], tmp_path)
+    module = hydra.utils.instantiate(cfg.model)
+    assert module.model.feature_extractor.input_size == 64
+
+
+@pytest.mark.slow
+def test_mcait_option_builds_the_model(tmp_path):
+    cfg = compose_train([*TINY, "backbone=mcait", "backbone.pretrained=false", "backbone.input_size=448"], tmp_path)
+    assert hydra.utils.instantiate(cfg.model).model.feature_extractor.channels == [768, 384]
+
+
+def test_mcait_at_256_fails_before_any_compute(tmp_path):
+    cfg = compose_train([*TINY, "backbone=mcait", "backbone.pretrained=false", "backbone.input_size=256"], tmp_path)
+    with pytest.raises(hydra.errors.InstantiationException, match="mcait.*448"):
+        hydra.utils.instantiate(cfg.model)
+
+
+@pytest.mark.parametrize("option", options("threshold"))
+def test_threshold_options_instantiate(option, tmp_path):
+    cfg = compose_train([*TINY, f"threshold={option}"], tmp_path)
+    threshold = hydra.utils.instantiate(cfg.threshold)
+    assert type(threshold).__module__ == "uflow_exp.thresholds"
+
+
+@pytest.mark.parametrize("option", options("trainer"))
+def test_trainer_options(option, tmp_path):
+    cfg = compose_train([*TINY, f"trainer={option}"], tmp_path)
+    if cfg.trainer.accelerator == "gpu":  # no GPU here: check the target and the values only
+        assert hydra.utils.get_class(cfg.trainer._target_).__name__ == "Trainer"
+        return
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=False)
+    assert trainer.max_epochs == 1
+
+
+@pytest.mark.parametrize("option", options("logger"))
+def test_logger_options_instantiate(option, tmp_path):
+    cfg = compose_train([*TINY, f"logger={option}"], tmp_path)
+    loggers = instantiate_dict(cfg.logger)
+    assert len(loggers) == (3 if option == "many" else 1)
+
+
+@pytest.mark.parametrize("option", options("callbacks"))
+def test_callback_options_instantiate(option, tmp_path):
+    cfg = compose_train([f"callbacks={option}"], tmp_path)
+    callbacks = instantiate_dict(cfg.callbacks)
+    assert len(callbacks) == len([c for c in (cfg.callbacks or {}).values() if c])
+
+
+@pytest.mark.parametrize("option", options("debug"))
+def test_debug_options_compose(option, tmp_path):
+    cfg = compose_train([*TINY, f"debug={option}"], tmp_path)
+    assert cfg.task_name == "debug"
+
+
+@pytest.mark.parametrize("option", options("experiment"))
+def test_experiments_compose(option, tmp_path):
+    cfg = compose_train([f"experiment={option}"], tmp_path)
+    assert cfg.dataset.name == option.split("_")[0].replace("lgg", "lgg_mri")
+    assert cfg.backbone.name == "mcait" and cfg.backbone.input_size == 448
+
+
+def test_mvtec_experiments_carry_the_papers_settings(tmp_path):
+    bottle = compose_train(["experiment=mvtec_bottle"], tmp_path)
+    assert (bottle.trainer.max_epochs, bottle.dataset.batch_size) == (200, 23)
+    assert bottle.model.optimizer.lr == pytest.approx(1.1289990475381853e-4)
+    screw = compose_train(["experiment=mvtec_screw"], tmp_path)
+    assert (screw.trainer.max_epochs, screw.dataset.batch_size, screw.dataset.category) == (500, 11, "screw")
+    assert screw.model.scheduler.total_iters == 500
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local", "submitit_slurm"])
+def test_launchers_compose(launcher):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert hydra.utils.get_class(cfg.hydra.launcher._target_)
+
+
+def test_optuna_search_composes():
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["hparams_search=optuna"], return_hydra_config=True)
+    assert "model.optimizer.lr" in cfg.hydra.sweeper.params
+    assert hydra.utils.get_class(cfg.hydra.sweeper._target_)
+
+
+def test_unknown_option_fails_at_composition(tmp_path):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="no_such_backbone"):
+        compose_train(["backbone=no_such_backbone"], tmp_path)

@@ -1,0 +1,84 @@
+"""Tiny end-to-end runs of the train task on each data layout, and what a run leaves behind."""
+
+import json
+
+import pytest
+import torch
+
+from tests import fake_layouts
+from tests.framework_helpers import TINY, compose_train
+from uflow_exp.models.uflow.lightning_module import UFlowModule
+from uflow_exp.tasks.train import train
+
+TEST_METRICS = {"test/image_auroc", "test/pixel_auroc", "test/pixel_aupro", "test/miou", "test/pixel_f1"}
+
+
+def layout_overrides(name: str, root) -> list[str]:
+    if name == "textures":
+        return [
+            "dataset=textures",
+            f"dataset.cache_dir={root}",
+            "dataset.n_train=6",
+            "dataset.n_test_good=2",
+            "dataset.n_test_defect=3",
+            "dataset.generated_size=64",
+        ]
+    if name == "mvtec":
+        return ["dataset=mvtec", f"dataset.root={fake_layouts.make_mvtec(root, n_train=6, size=64)}"]
+    if name == "btad":
+        return ["dataset=btad", f"dataset.root={fake_layouts.make_btad(root, n_train=6, size=64)}"]
+    if name == "lgg_mri":
+        return ["dataset=lgg_mri", f"dataset.root={fake_layouts.make_lgg(root, n_patients=4, size=64)}"]
+    if name == "stc":
+        return [
+            "dataset=stc",
+            f"dataset.root={fake_layouts.make_stc(root, height=64, width=64)}",
+            f"dataset.cache_dir={root / 'cache'}",
+            "dataset.frame_stride=1",
+        ]
+    if name == "folder":
+        return [
+            "dataset=folder",
+            f"dataset.root={fake_layouts.make_folder(root, n_normal=8, n_abnormal=3, size=64)}",
+            "dataset.mask_dir=masks",
+        ]
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("layout", ["textures", "mvtec", "btad", "lgg_mri", "stc", "folder"])
+def test_one_epoch_on_each_layout(layout, tmp_path):
+    cfg = compose_train([*TINY, *layout_overrides(layout, tmp_path / "data")], tmp_path / "run")
+    metrics = train(cfg)
+    assert TEST_METRICS <= set(metrics)
+    assert metrics["val/loss"] == metrics["val/loss"]  # finite, not NaN
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(written) == set(metrics)
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_checkpoint_loads_weights_only_and_keeps_the_threshold(tmp_path):
+    root = fake_layouts.make_mvtec(tmp_path / "data", n_train=6, size=64)
+    cfg = compose_train(
+        [*TINY, "dataset=mvtec", f"dataset.root={root}", "threshold=normal_quantile"], tmp_path / "run"
+    )
+    train(cfg)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    torch.load(ckpt, map_location="cpu", weights_only=True)  # plain hyper-parameters only
+    module = UFlowModule.from_checkpoint(str(ckpt))
+    value = float(module.threshold.value)
+    assert 0.0 < value <= 1.0  # calibrated on the normal validation images, stored in the checkpoint
+
+
+def test_missing_data_root_fails_before_training(tmp_path):
+    cfg = compose_train([*TINY, "dataset=mvtec", f"dataset.root={tmp_path / 'nowhere'}"], tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_nan_loss_stops_with_a_message(tmp_path):
+    root = fake_layouts.make_mvtec(tmp_path / "data", n_train=6, size=64)
+    cfg = compose_train([*TINY, "dataset=mvtec", f"dataset.root={root}", "model.optimizer.lr=1e30"], tmp_path / "run")
+    cfg.trainer.max_epochs = 3
+    with pytest.raises(FloatingPointError, match="learning rate"):
+        train(cfg)

@@ -1,0 +1,162 @@
+"""One LightningDataModule for every data set; `name` picks the layout module that lists the files."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+from types import ModuleType
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from uflow_exp.data import btad, folder, lgg_mri, mvtec, stc, textures
+from uflow_exp.data.dataset import AnomalyDataset, validate_records
+from uflow_exp.data.records import (
+    DatasetError,
+    FileProblems,
+    LayoutContext,
+    Splits,
+    split_off,
+)
+
+log = logging.getLogger(__name__)
+
+# Each layout module has `find_records(ctx, **options) -> Splits` and `EXPECTED` (its layout in words).
+LAYOUTS: dict[str, ModuleType] = {
+    "textures": textures,
+    "mvtec": mvtec,
+    "btad": btad,
+    "lgg_mri": lgg_mri,
+    "stc": stc,
+    "folder": folder,
+}
+VAL_SPLITS = ("train", "test")
+
+
+class AnomalyDataModule(L.LightningDataModule):
+    """Train on normal images, test on normal + anomalous ones, validate on either.
+
+    Args:
+        name: layout, one of `LAYOUTS`.
+        root: data set root (unused by `textures`, which generates into `cache_dir`).
+        category: MVTec category, BTAD product, texture name or ShanghaiTech scene.
+        image_size: side of the square images and masks the loaders yield.
+        val_split: "train" validates on a seeded `val_fraction` of the normal training images
+            (unsupervised); "test" validates on the test set, as the paper does (label leakage).
+        seed: seeds every split (validation, LGG patients, folder tests) and the textures; kept apart
+            from the training seed so that sweeping training seeds keeps the data fixed.
+        on_bad_file: "error" stops at the first bad file; "warn" skips bad files and logs a count.
+        verify_images: decode every file at setup (catches truncated files); else read headers only.
+        **options: layout-specific keyword arguments of that layout's `find_records`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        root: str | None = None,
+        category: str | None = None,
+        image_size: int = 256,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_split: str = "train",
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        on_bad_file: str = "error",
+        verify_images: bool = True,
+        **options,
+    ) -> None:
+        super().__init__()
+        if name not in LAYOUTS:
+            raise DatasetError(f"unknown dataset name {name!r}; expected one of {', '.join(LAYOUTS)}")
+        if val_split not in VAL_SPLITS:
+            raise DatasetError(f"val_split must be one of {VAL_SPLITS}, got {val_split!r}")
+        if val_split == "train" and not 0 < val_fraction < 1:
+            raise DatasetError(f"val_fraction must be in (0, 1) with val_split=train, got {val_fraction}")
+        FileProblems(on_bad_file)  # rejects an unknown mode now rather than at setup
+        accepted = list(inspect.signature(LAYOUTS[name].find_records).parameters)[1:]
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise DatasetError(
+                f"dataset {name!r} got unknown option(s) {', '.join(unknown)}; "
+                f"it accepts {', '.join(accepted)}"
+            )
+        self.save_hyperparameters()
+        self.name = name
+        self.root = None if root is None else Path(root)
+        self.category = category
+        self.image_size = int(image_size)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.val_split = val_split
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.on_bad_file = on_bad_file
+        self.verify_images = verify_images
+        self.options = options
+        self.train_dataset: AnomalyDataset | None = None
+        self.val_dataset: AnomalyDataset | None = None
+        self.test_dataset: AnomalyDataset | None = None
+
+    def _find(self, problems: FileProblems) -> Splits:
+        ctx = LayoutContext(self.root, self.category, self.seed, problems)
+        return LAYOUTS[self.name].find_records(ctx, **self.options)
+
+    def prepare_data(self) -> None:
+        # Builds the caches (generated textures, decoded video frames) once, on one process.
+        self._find(FileProblems(self.on_bad_file))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        problems = FileProblems(self.on_bad_file)
+        found = self._find(problems)
+        train = validate_records(found.train, problems, self.verify_images)
+        test = validate_records(found.test, problems, self.verify_images)
+        problems.summarise(self.name)
+        where = f"{self.name} (root {self.root}, category {self.category})"
+        for split, records in (("train", train), ("test", test)):
+            if not records:
+                raise DatasetError(
+                    f"{where}: the {split} split is empty. Expected layout: {LAYOUTS[self.name].EXPECTED}"
+                )
+        if self.val_split == "train":
+            train, val = split_off(train, self.val_fraction, self.seed)
+        else:
+            val = test
+        self.train_dataset = AnomalyDataset(train, self.image_size)
+        self.val_dataset = AnomalyDataset(val, self.image_size)
+        self.test_dataset = AnomalyDataset(test, self.image_size)
+        anomalous = sum(r.label for r in test)
+        log.info(
+            "%s: %d train, %d val (%s), %d test images (%d anomalous)",
+            where,
+            len(train),
+            len(val),
+            self.val_split,
+            len(test),
+            anomalous,
+        )
+
+    def _loader(self, dataset: AnomalyDataset | None, batch_size: int, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for a data loader")
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, self.eval_batch_size, shuffle=False)

@@ -1,0 +1,86 @@
+"""The one Dataset every layout goes through, and the up-front validation of its records."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from uflow_exp.data.io import image_shape, mask_shape, read_image, read_mask
+from uflow_exp.data.records import BadFileError, FileProblems, NpyFrame, Record
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class AnomalyDataset(Dataset):
+    """Reads any `Record` as a dict of `image` (3, S, S) float32 ImageNet-normalised, `mask`
+    (1, S, S) float32 in {0, 1}, `label` int64 scalar and `path` str, where S is `image_size`."""
+
+    def __init__(self, records: Sequence[Record], image_size: int) -> None:
+        self.records = list(records)
+        self.image_size = int(image_size)
+        self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
+        record = self.records[index]
+        image = torch.from_numpy(read_image(record.image)).permute(2, 0, 1)
+        size = (self.image_size, self.image_size)
+        image = F.interpolate(image[None], size, mode="bilinear", antialias=True, align_corners=False)[0]
+        if record.mask is None:
+            mask = torch.zeros(1, *size)
+        else:
+            full = torch.from_numpy(read_mask(record.mask)).float()[None, None]
+            # Area averaging then >= 0.5 keeps a thin defect's share of each output pixel honest.
+            mask = (F.interpolate(full, size, mode="area")[0] >= 0.5).float()
+        return {
+            "image": (image - self._mean) / self._std,
+            "mask": mask,
+            "label": torch.tensor(record.label, dtype=torch.int64),
+            "path": str(record.image),
+        }
+
+
+def _problem(record: Record, decode: bool) -> tuple[Path | str, str] | None:
+    """What is wrong with one record, as (file, reason), or None."""
+    try:
+        image_hw = read_image(record.image).shape[:2] if decode else image_shape(record.image)
+        if record.mask is None:
+            return None
+        mask_hw = read_mask(record.mask).shape if decode else mask_shape(record.mask)
+    except BadFileError as error:
+        return error.path, error.reason
+    if tuple(mask_hw) == tuple(image_hw):
+        return None
+    where = (
+        f"{record.mask.path}[frame {record.mask.index}]" if isinstance(record.mask, NpyFrame) else record.mask
+    )
+    sizes = f"{mask_hw[1]}x{mask_hw[0]} pixels but its image {record.image} is {image_hw[1]}x{image_hw[0]}"
+    return where, f"mask is {sizes}"
+
+
+def validate_records(records: Sequence[Record], problems: FileProblems, decode: bool = True) -> list[Record]:
+    """Check that every image (and mask) opens and that mask and image sizes agree.
+
+    With `decode` the pixels are decoded too, which is what catches truncated files; without it only
+    headers are read. Problems go to `problems` in record order, so the first error is deterministic.
+    """
+    workers = min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:  # decoders release the GIL
+        found = list(pool.map(lambda record: _problem(record, decode), records))
+    kept = []
+    for record, problem in zip(records, found, strict=True):
+        if problem is None:
+            kept.append(record)
+        else:
+            problems.report(*problem)
+    return kept

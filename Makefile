@@ -33,7 +33,7 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix uflow_exp tests benchmarks
 
 bench: $(STAMP)
-	$(PY) benchmarks/run.py $(ARGS)
+	for script in benchmarks/bench_*.py; do $(PY) $$script $(ARGS) || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache logs build *.egg-info

@@ -81,11 +81,18 @@ def test_debug_options_compose(option, tmp_path):
     assert cfg.task_name == "debug"
 
 
-@pytest.mark.parametrize("option", options("experiment"))
+@pytest.mark.parametrize("option", [o for o in options("experiment") if o != "quickstart"])
 def test_experiments_compose(option, tmp_path):
     cfg = compose_train([f"experiment={option}"], tmp_path)
     assert cfg.dataset.name == option.split("_")[0].replace("lgg", "lgg_mri")
     assert cfg.backbone.name == "mcait" and cfg.backbone.input_size == 448
+
+
+def test_default_is_the_quickstart_on_embedded_data(tmp_path):
+    cfg = compose_train([], tmp_path)
+    assert (cfg.dataset.name, cfg.backbone.name, cfg.trainer.max_epochs) == ("textures", "efficientnet_lite0", 10)
+    assert cfg.threshold._target_.endswith("NormalQuantileThreshold")
+    assert compose_train(["~experiment"], tmp_path).threshold._target_.endswith("NFATreeThreshold")
 
 
 def test_mvtec_experiments_carry_the_papers_settings(tmp_path):

@@ -82,3 +82,32 @@ def test_nan_loss_stops_with_a_message(tmp_path):
     cfg.trainer.max_epochs = 3
     with pytest.raises(FloatingPointError, match="learning rate"):
         train(cfg)
+
+
+def test_feature_cache_gives_the_same_losses(tmp_path):
+    root = fake_layouts.make_mvtec(tmp_path / "data", n_train=8, size=64)
+    results = []
+    for cache in ("true", "false"):
+        cfg = compose_train(
+            [*TINY, "dataset=mvtec", f"dataset.root={root}", f"feature_cache={cache}", "trainer.max_epochs=3",
+             "test=false"],
+            tmp_path / f"run_{cache}",
+        )
+        results.append(train(cfg))
+    cached, uncached = results
+    for key in ("train/loss", "val/loss"):
+        assert cached[key] == pytest.approx(uncached[key], rel=1e-5)
+
+
+def test_evaluate_reproduces_the_test_metrics_of_training(tmp_path):
+    from uflow_exp.tasks.evaluate import evaluate
+
+    root = fake_layouts.make_mvtec(tmp_path / "data", n_train=6, size=64)
+    data = ["dataset=mvtec", f"dataset.root={root}", "dataset.num_workers=0"]
+    trained = train(compose_train([*TINY, *data], tmp_path / "run"))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    cfg = compose_train([*data, "logger=csv", "trainer=cpu", f"ckpt_path={ckpt}"], tmp_path / "eval", "eval")
+    evaluated = evaluate(cfg)
+    assert set(evaluated) == {k for k in trained if k.startswith("test/")}
+    for key, value in evaluated.items():
+        assert value == pytest.approx(trained[key], rel=1e-6, nan_ok=True), key

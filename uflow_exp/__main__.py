@@ -5,9 +5,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from uflow_exp.utils import CONFIG_DIR, register_resolvers, run_task
+from uflow_exp.utils import CONFIG_DIR, quiet_expected_warnings, register_resolvers, run_task
 
 register_resolvers()
+quiet_expected_warnings()
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

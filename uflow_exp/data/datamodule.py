@@ -8,7 +8,8 @@ from pathlib import Path
 from types import ModuleType
 
 import lightning as L
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Sampler
 
 from uflow_exp.data import btad, folder, lgg_mri, mvtec, stc, textures
 from uflow_exp.data.dataset import AnomalyDataset, validate_records
@@ -32,6 +33,30 @@ LAYOUTS: dict[str, ModuleType] = {
     "folder": folder,
 }
 VAL_SPLITS = ("train", "test")
+
+
+class EpochSeededSampler(Sampler[int]):
+    """A new permutation every epoch, drawn from (seed, epoch) alone.
+
+    torch's RandomSampler draws from the global generator, whose state a checkpoint does not hold,
+    so a run resumed from ``last.ckpt`` would see other batches than the uninterrupted run. Lightning
+    calls ``set_epoch`` at the start of each epoch (under DDP it wraps this sampler per rank).
+    """
+
+    def __init__(self, length: int, seed: int) -> None:
+        self.length = length
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
 
 
 class AnomalyDataModule(L.LightningDataModule):
@@ -146,7 +171,7 @@ class AnomalyDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=EpochSeededSampler(len(dataset), self.seed) if shuffle else None,
             drop_last=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

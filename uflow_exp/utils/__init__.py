@@ -1,6 +1,6 @@
 """Helpers shared by the tasks: resolvers, instantiation, config printing, run bookkeeping."""
 
-from uflow_exp.utils.config import CONFIG_DIR, print_config, register_resolvers
+from uflow_exp.utils.config import CONFIG_DIR, print_config, quiet_expected_warnings, register_resolvers
 from uflow_exp.utils.runs import find_last_checkpoint, instantiate_dict, run_task, write_metrics
 
 __all__ = [
@@ -8,6 +8,7 @@ __all__ = [
     "find_last_checkpoint",
     "instantiate_dict",
     "print_config",
+    "quiet_expected_warnings",
     "register_resolvers",
     "run_task",
     "write_metrics",

@@ -58,3 +58,13 @@ def print_config(cfg: DictConfig, path: Path | None = None) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def quiet_expected_warnings() -> None:
+    """Silence Lightning warnings that describe this project's intended set-up."""
+    import warnings
+
+    # The frozen backbone stays in eval mode while the flow trains.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # Small data sets have fewer batches than the logging interval; epoch metrics are logged anyway.
+    warnings.filterwarnings("ignore", message=r"The number of training batches .* logging interval")

@@ -33,14 +33,9 @@ def find_last_checkpoint(log_dir: Path, task_name: str) -> Path:
     return candidates[-1]
 
 
-def _plain_number(value: Any) -> float:
-    value = float(value.item() if hasattr(value, "item") else value)
-    return value
-
-
 def write_metrics(metrics: Mapping[str, Any], path: Path) -> dict[str, float]:
     """Write flat ``{"test/pixel_auroc": ...}`` JSON (NaN as null) and return the floats."""
-    flat = {key: _plain_number(value) for key, value in sorted(metrics.items())}
+    flat = {key: float(value) for key, value in sorted(metrics.items())}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({k: (v if math.isfinite(v) else None) for k, v in flat.items()}, indent=2) + "\n")
     return flat

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from uflow_exp.metrics import AnomalyMetrics
+from uflow_exp.models.uflow.feature_cache import FeatureCache
 from uflow_exp.models.uflow.loss import nll_loss
 from uflow_exp.models.uflow.model import UFlow
 from uflow_exp.thresholds import Threshold
@@ -33,6 +34,8 @@ class UFlowModule(L.LightningModule):
         scheduler: a ``_partial_`` epoch-wise scheduler config, or None.
         eval_size: side of the maps that metrics and thresholds see (the reference uses 256).
         metric_bins: score bins of the pixel metrics (memory stays bounded; see uflow_exp.metrics).
+        feature_cache: compute the frozen backbone's features of training and validation images
+            once and reuse them every epoch (see ``FeatureCache``).
     """
 
     def __init__(
@@ -44,6 +47,7 @@ class UFlowModule(L.LightningModule):
         scheduler: dict | None = None,
         eval_size: int | None = None,
         metric_bins: int = 10_000,
+        feature_cache: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -55,6 +59,7 @@ class UFlowModule(L.LightningModule):
                 "scheduler": _plain(scheduler),
                 "eval_size": eval_size,
                 "metric_bins": metric_bins,
+                "feature_cache": feature_cache,
             }
         )
         hp = self.hparams
@@ -70,6 +75,7 @@ class UFlowModule(L.LightningModule):
         self.val_metrics = AnomalyMetrics(n_bins=metric_bins)
         self.test_metrics = AnomalyMetrics(n_bins=metric_bins)
         self._val_anomalous = 0
+        self.feature_cache = FeatureCache() if feature_cache else None
 
     @classmethod
     def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu") -> UFlowModule:
@@ -79,8 +85,11 @@ class UFlowModule(L.LightningModule):
         return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True, backbone=backbone)
 
     # -- steps -------------------------------------------------------------------------------------
-    def _latents(self, batch: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
-        raw = batch["features"] if "features" in batch else self.model.extract(batch["image"])
+    def _latents(self, batch: dict, cached: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+        if cached and self.feature_cache is not None:
+            raw = self.feature_cache.features(batch["path"], batch["image"], self.model.extract)
+        else:
+            raw = self.model.extract(batch["image"])
         return self.model.encode(self.model.normalize(raw))
 
     def _eval_masks(self, batch: dict) -> torch.Tensor:
@@ -90,7 +99,7 @@ class UFlowModule(L.LightningModule):
         return mask >= 0.5
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = nll_loss(*self._latents(batch))
+        loss = nll_loss(*self._latents(batch, cached=True))
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
@@ -104,12 +113,13 @@ class UFlowModule(L.LightningModule):
         self._val_anomalous = 0
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        z, log_jac_det = self._latents(batch)
+        z, log_jac_det = self._latents(batch, cached=True)
         self.log("val/loss", nll_loss(z, log_jac_det), on_epoch=True, prog_bar=True, sync_dist=True,
                  batch_size=len(batch["image"]))
         amap = self.model.anomaly_map(z, self.eval_size)
         mask = self._eval_masks(batch)
-        self.threshold.calibration_update(amap, mask)
+        if not self.trainer.sanity_checking:  # the sanity batches would count twice after a resume
+            self.threshold.calibration_update(amap, mask)
         self.val_metrics.update(amap, mask)
         self._val_anomalous += int(batch["label"].sum())
 

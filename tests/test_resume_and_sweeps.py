@@ -1,0 +1,152 @@
+"""Resuming an interrupted run, multirun sweeps, Optuna, DDP on CPU and W&B offline logging."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+from omegaconf import open_dict
+
+from tests import fake_layouts
+from tests.framework_helpers import TINY, compose_train
+from uflow_exp.tasks.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class CrashAtEpoch(L.Callback):
+    """Simulates a crash (power cut, OOM kill) at the start of an epoch."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError(f"simulated crash at epoch {self.epoch}")
+
+
+def test_resume_from_last_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
+    root = fake_layouts.make_mvtec(tmp_path / "data", n_train=10, size=64)
+    overrides = [*TINY, "dataset=mvtec", f"dataset.root={root}", "trainer.max_epochs=3"]
+    straight = train(compose_train(overrides, tmp_path / "straight"))
+
+    crashing = compose_train(overrides, tmp_path / "resumed")
+    with open_dict(crashing):
+        crashing.callbacks.crash = {"_target_": f"{__name__}.CrashAtEpoch", "epoch": 2}
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(crashing)
+    last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    resumed = train(compose_train([*overrides, f"ckpt_path={last}"], tmp_path / "resumed"))
+    assert set(resumed) == set(straight)
+    for key in straight:
+        if key.startswith(("test/", "val/", "train/")):
+            assert resumed[key] == pytest.approx(straight[key], rel=1e-5, nan_ok=True), key
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PROJECT_ROOT": str(cwd), "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-m", "uflow_exp", *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+CLI_TINY = [o for o in TINY if not o.startswith("~")] + ["callbacks=none"]
+
+
+@pytest.mark.slow
+def test_multirun_of_two_experiments_keeps_each_result(tmp_path):
+    root = tmp_path / "mvtec"
+    for category in ("bottle", "cable"):
+        fake_layouts.make_mvtec(root, category=category, n_train=6, size=64)
+    run_cli(["-m", "experiment=mvtec_bottle,mvtec_cable", *CLI_TINY, f"dataset.root={root}"], tmp_path)
+    jobs = sorted((tmp_path / "logs" / "train" / "multiruns").glob("*/*/metrics.json"))
+    assert len(jobs) == 2
+    for job in jobs:
+        assert "test/pixel_auroc" in json.loads(job.read_text())
+
+
+@pytest.mark.slow
+def test_a_failing_job_does_not_lose_the_others(tmp_path):
+    root = fake_layouts.make_mvtec(tmp_path / "mvtec", n_train=6, size=64)
+    run_cli(["-m", f"dataset.root={root},{tmp_path / 'missing'}", *CLI_TINY, "dataset=mvtec"], tmp_path)
+    sweep = next((tmp_path / "logs" / "train" / "multiruns").glob("*"))
+    assert (sweep / "0" / "metrics.json").is_file()
+    assert "missing" in (sweep / "1" / "error.txt").read_text()
+
+
+@pytest.mark.slow
+def test_optuna_search_runs_two_trials(tmp_path):
+    root = fake_layouts.make_mvtec(tmp_path / "mvtec", n_train=6, size=64)
+    run_cli(
+        ["hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
+         *CLI_TINY, "dataset=mvtec", f"dataset.root={root}", "dataset.batch_size=4"],
+        tmp_path,
+    )
+    sweep = next((tmp_path / "logs" / "train" / "multiruns").glob("*"))
+    assert len(list(sweep.glob("*/metrics.json"))) == 2
+    best = (sweep / "optimization_results.yaml").read_text()
+    assert "best_params" in best and "model.optimizer.lr" in best
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(tmp_path):
+    root = fake_layouts.make_mvtec(tmp_path / "mvtec", n_train=8, size=64)
+    cli = [o for o in CLI_TINY if not o.startswith("trainer=")]
+    run_cli([*cli, "trainer=ddp_cpu", "trainer.max_epochs=1", "dataset=mvtec", f"dataset.root={root}"], tmp_path)
+    metrics = json.loads(next((tmp_path / "logs" / "train" / "runs").glob("*/metrics.json")).read_text())
+    assert 0.0 <= metrics["test/pixel_auroc"] <= 1.0
+
+
+def read_wandb_records(path: Path):
+    """The protobuf records of a W&B run file, decoded with wandb's own ``Record`` schema.
+
+    wandb >= 0.20 moved its Python reader of these files into its Go core, so the framing
+    (LevelDB log format: 32 KiB blocks, 7-byte record headers, after a 7-byte ':W&B' file header)
+    is undone here by hand.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    block, header, offset, pending = 32768, 7, 7, b""
+    while offset + header <= len(data):
+        if block - offset % block < header:  # block tail too short for a header: padding
+            offset += block - offset % block
+            continue
+        length, kind = struct.unpack("<HB", data[offset + 4 : offset + 7])
+        chunk = data[offset + header : offset + header + length]
+        offset += header + length
+        if kind == 0:
+            break
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_holds_the_metrics(tmp_path):
+    root = fake_layouts.make_mvtec(tmp_path / "mvtec", n_train=6, size=64)
+    cli = [o for o in CLI_TINY if not o.startswith("logger=")]
+    run_cli([*cli, "logger=wandb", "dataset=mvtec", f"dataset.root={root}"], tmp_path)
+    run_dir = next((tmp_path / "logs" / "train" / "runs").glob("*"))
+    expected = json.loads((run_dir / "metrics.json").read_text())
+    logged: dict[str, float] = {}
+    for record in read_wandb_records(next(run_dir.glob("wandb/offline-run-*/run-*.wandb"))):
+        kind = record.WhichOneof("record_type")
+        items = record.history.item if kind == "history" else record.summary.update if kind == "summary" else []
+        for item in items:
+            value = json.loads(item.value_json)
+            if isinstance(value, int | float):
+                logged[item.key or "/".join(item.nested_key)] = float(value)
+    for key in ("test/pixel_auroc", "test/image_auroc", "val/loss"):
+        assert logged[key] == pytest.approx(expected[key], rel=1e-6), key

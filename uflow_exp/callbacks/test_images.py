@@ -46,26 +46,27 @@ def render_panel(image, mask, amap, segmentation, title: str, path: Path) -> Non
 
 
 class TestImageLogger(L.Callback):
-    """Keeps the first ``max_images`` test samples (anomalous ones first once seen) and renders them
-    at test end into ``output_dir``; also logs them to W&B when a W&B logger is attached."""
+    """Renders up to ``max_images`` test samples at test end into ``output_dir`` (a quarter of them
+    normal, the rest anomalous, in test order) and logs them to W&B when a W&B logger is attached."""
 
     def __init__(self, max_images: int = 8, output_dir: str = "test_images") -> None:
         self.max_images = max_images
         self.output_dir = Path(output_dir)
-        self._kept: list[dict] = []
+        self._kept: dict[bool, list[dict]] = {False: [], True: []}
 
     def on_test_epoch_start(self, trainer, pl_module) -> None:
-        self._kept = []
+        self._kept = {False: [], True: []}
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if len(self._kept) >= self.max_images or not outputs:
+        if not outputs:
             return
         size = outputs["anomaly_map"].shape[-1]
         images = F.interpolate(batch["image"], size=(size, size), mode="bilinear", align_corners=False)
         for i in range(len(images)):
-            if len(self._kept) >= self.max_images:
-                break
-            self._kept.append(
+            kept = self._kept[bool(batch["label"][i])]
+            if len(kept) >= self.max_images:
+                continue
+            kept.append(
                 {
                     "image": _denormalize(images[i]).cpu(),
                     "mask": outputs["mask"][i, 0].float().cpu(),
@@ -75,10 +76,16 @@ class TestImageLogger(L.Callback):
                 }
             )
 
+    def _chosen(self) -> list[dict]:
+        normal, anomalous = self._kept[False], self._kept[True]
+        n_normal = min(len(normal), max(self.max_images // 4, self.max_images - len(anomalous)))
+        return normal[:n_normal] + anomalous[: self.max_images - n_normal]
+
     @rank_zero_only
     def on_test_epoch_end(self, trainer, pl_module) -> None:
+        chosen = self._chosen()
         paths = []
-        for index, sample in enumerate(self._kept):
+        for index, sample in enumerate(chosen):
             path = self.output_dir / f"{index:03d}_{Path(sample['path']).stem}.png"
             render_panel(
                 sample["image"], sample["mask"], sample["amap"], sample["segmentation"], sample["path"], path
@@ -86,6 +93,7 @@ class TestImageLogger(L.Callback):
             paths.append(path)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger) and paths:
-                logger.log_image(key="test/examples", images=[str(p) for p in paths],
-                                 caption=[s["path"] for s in self._kept])
-        self._kept = []
+                logger.log_image(
+                    key="test/examples", images=[str(p) for p in paths], caption=[s["path"] for s in chosen]
+                )
+        self._kept = {False: [], True: []}

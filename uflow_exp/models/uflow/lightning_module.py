@@ -133,24 +133,23 @@ class UFlowModule(L.LightningModule):
             self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=False)
         self.val_metrics.reset()
 
-    def test_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+    def predict_step(self, batch: dict, batch_idx: int = 0) -> dict[str, torch.Tensor]:
+        """Anomaly map, segmentation and the map it thresholds, at ``eval_size``."""
         z, _ = self._latents(batch)
         amap = self.model.anomaly_map(z, self.eval_size)
-        mask = self._eval_masks(batch)
         segmentation, significance = self.threshold.segment(z, amap)
-        self.test_metrics.update(amap, mask, segmentation)
-        return {"anomaly_map": amap, "segmentation": segmentation, "significance": significance, "mask": mask}
+        return {"anomaly_map": amap, "segmentation": segmentation, "significance": significance}
+
+    def test_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        outputs = self.predict_step(batch, batch_idx)
+        outputs["mask"] = self._eval_masks(batch)
+        self.test_metrics.update(outputs["anomaly_map"], outputs["mask"], outputs["segmentation"])
+        return outputs
 
     def on_test_epoch_end(self) -> None:
         metrics = self.test_metrics.compute()
         self.log_dict({f"test/{k}": v for k, v in metrics.items()}, sync_dist=False)
         self.test_metrics.reset()
-
-    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
-        z, _ = self._latents(batch)
-        amap = self.model.anomaly_map(z, self.eval_size)
-        segmentation, significance = self.threshold.segment(z, amap)
-        return {"anomaly_map": amap, "segmentation": segmentation, "significance": significance}
 
     # -- optimisation ------------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -27,19 +27,25 @@ def test_dataset_options_instantiate(option, tmp_path):
 
 @pytest.mark.parametrize("option", [o for o in options("backbone") if o != "mcait"])
 def test_backbone_options_build_the_model(option, tmp_path):
-    cfg = compose_train([*TINY, f"backbone={option}", "backbone.pretrained=false", "backbone.input_size=64"], tmp_path)
+    cfg = compose_train(
+        [*TINY, f"backbone={option}", "backbone.pretrained=false", "backbone.input_size=64"], tmp_path
+    )
     module = hydra.utils.instantiate(cfg.model)
     assert module.model.feature_extractor.input_size == 64
 
 
 @pytest.mark.slow
 def test_mcait_option_builds_the_model(tmp_path):
-    cfg = compose_train([*TINY, "backbone=mcait", "backbone.pretrained=false", "backbone.input_size=448"], tmp_path)
+    cfg = compose_train(
+        [*TINY, "backbone=mcait", "backbone.pretrained=false", "backbone.input_size=448"], tmp_path
+    )
     assert hydra.utils.instantiate(cfg.model).model.feature_extractor.channels == [768, 384]
 
 
 def test_mcait_at_256_fails_before_any_compute(tmp_path):
-    cfg = compose_train([*TINY, "backbone=mcait", "backbone.pretrained=false", "backbone.input_size=256"], tmp_path)
+    cfg = compose_train(
+        [*TINY, "backbone=mcait", "backbone.pretrained=false", "backbone.input_size=256"], tmp_path
+    )
     with pytest.raises(hydra.errors.InstantiationException, match="mcait.*448"):
         hydra.utils.instantiate(cfg.model)
 
@@ -90,7 +96,11 @@ def test_experiments_compose(option, tmp_path):
 
 def test_default_is_the_quickstart_on_embedded_data(tmp_path):
     cfg = compose_train([], tmp_path)
-    assert (cfg.dataset.name, cfg.backbone.name, cfg.trainer.max_epochs) == ("textures", "efficientnet_lite0", 10)
+    assert (cfg.dataset.name, cfg.backbone.name, cfg.trainer.max_epochs) == (
+        "textures",
+        "efficientnet_lite0",
+        10,
+    )
     assert cfg.threshold._target_.endswith("NormalQuantileThreshold")
     assert compose_train(["~experiment"], tmp_path).threshold._target_.endswith("NFATreeThreshold")
 

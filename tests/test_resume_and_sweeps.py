@@ -51,7 +51,11 @@ def test_resume_from_last_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
 def run_cli(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "PROJECT_ROOT": str(cwd), "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        [sys.executable, "-m", "uflow_exp", *args], cwd=cwd, env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "uflow_exp", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -86,8 +90,15 @@ def test_a_failing_job_does_not_lose_the_others(tmp_path):
 def test_optuna_search_runs_two_trials(tmp_path):
     root = fake_layouts.make_mvtec(tmp_path / "mvtec", n_train=6, size=64)
     run_cli(
-        ["hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
-         *CLI_TINY, "dataset=mvtec", f"dataset.root={root}", "dataset.batch_size=4"],
+        [
+            "hparams_search=optuna",
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.sampler.n_startup_trials=2",
+            *CLI_TINY,
+            "dataset=mvtec",
+            f"dataset.root={root}",
+            "dataset.batch_size=4",
+        ],
         tmp_path,
     )
     sweep = next((tmp_path / "logs" / "train" / "multiruns").glob("*"))
@@ -100,7 +111,9 @@ def test_optuna_search_runs_two_trials(tmp_path):
 def test_ddp_on_two_cpu_processes(tmp_path):
     root = fake_layouts.make_mvtec(tmp_path / "mvtec", n_train=8, size=64)
     cli = [o for o in CLI_TINY if not o.startswith("trainer=")]
-    run_cli([*cli, "trainer=ddp_cpu", "trainer.max_epochs=1", "dataset=mvtec", f"dataset.root={root}"], tmp_path)
+    run_cli(
+        [*cli, "trainer=ddp_cpu", "trainer.max_epochs=1", "dataset=mvtec", f"dataset.root={root}"], tmp_path
+    )
     metrics = json.loads(next((tmp_path / "logs" / "train" / "runs").glob("*/metrics.json")).read_text())
     assert 0.0 <= metrics["test/pixel_auroc"] <= 1.0
 
@@ -143,7 +156,9 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path):
     logged: dict[str, float] = {}
     for record in read_wandb_records(next(run_dir.glob("wandb/offline-run-*/run-*.wandb"))):
         kind = record.WhichOneof("record_type")
-        items = record.history.item if kind == "history" else record.summary.update if kind == "summary" else []
+        items = (
+            record.history.item if kind == "history" else record.summary.update if kind == "summary" else []
+        )
         for item in items:
             value = json.loads(item.value_json)
             if isinstance(value, int | float):

@@ -78,7 +78,9 @@ def test_missing_data_root_fails_before_training(tmp_path):
 
 def test_nan_loss_stops_with_a_message(tmp_path):
     root = fake_layouts.make_mvtec(tmp_path / "data", n_train=6, size=64)
-    cfg = compose_train([*TINY, "dataset=mvtec", f"dataset.root={root}", "model.optimizer.lr=1e30"], tmp_path / "run")
+    cfg = compose_train(
+        [*TINY, "dataset=mvtec", f"dataset.root={root}", "model.optimizer.lr=1e30"], tmp_path / "run"
+    )
     cfg.trainer.max_epochs = 3
     with pytest.raises(FloatingPointError, match="learning rate"):
         train(cfg)
@@ -89,8 +91,14 @@ def test_feature_cache_gives_the_same_losses(tmp_path):
     results = []
     for cache in ("true", "false"):
         cfg = compose_train(
-            [*TINY, "dataset=mvtec", f"dataset.root={root}", f"feature_cache={cache}", "trainer.max_epochs=3",
-             "test=false"],
+            [
+                *TINY,
+                "dataset=mvtec",
+                f"dataset.root={root}",
+                f"feature_cache={cache}",
+                "trainer.max_epochs=3",
+                "test=false",
+            ],
             tmp_path / f"run_{cache}",
         )
         results.append(train(cfg))

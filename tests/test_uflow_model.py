@@ -16,7 +16,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def reference_model(reference_resnet18):
-    model = UFlow(backbone="resnet18", input_size=256, flow_steps=reference_resnet18["flow_steps"], pretrained=False)
+    model = UFlow(
+        backbone="resnet18", input_size=256, flow_steps=reference_resnet18["flow_steps"], pretrained=False
+    )
     model.load_reference_state_dict(reference_resnet18["state_dict"])
     return model.eval()
 

@@ -31,7 +31,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.dataset)
     datamodule.prepare_data()
     model = UFlowModule.from_checkpoint(str(ckpt))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=instantiate_dict(cfg.get("logger")) or False)
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, logger=instantiate_dict(cfg.get("logger")) or False
+    )
     trainer.test(model, datamodule=datamodule)
     metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     if trainer.is_global_zero:

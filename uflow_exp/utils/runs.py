@@ -25,7 +25,9 @@ def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
 
 def find_last_checkpoint(log_dir: Path, task_name: str) -> Path:
     """The newest ``last.ckpt`` of any run of ``task_name`` (for ``ckpt_path=last``)."""
-    candidates = sorted((log_dir / task_name).glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    candidates = sorted(
+        (log_dir / task_name).glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime
+    )
     if not candidates:
         raise FileNotFoundError(
             f"ckpt_path=last: no last.ckpt under {log_dir / task_name}; give the checkpoint's path instead"
@@ -37,11 +39,15 @@ def write_metrics(metrics: Mapping[str, Any], path: Path) -> dict[str, float]:
     """Write flat ``{"test/pixel_auroc": ...}`` JSON (NaN as null) and return the floats."""
     flat = {key: float(value) for key, value in sorted(metrics.items())}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({k: (v if math.isfinite(v) else None) for k, v in flat.items()}, indent=2) + "\n")
+    path.write_text(
+        json.dumps({k: (v if math.isfinite(v) else None) for k, v in flat.items()}, indent=2) + "\n"
+    )
     return flat
 
 
-def run_task(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig, multirun: bool) -> dict[str, float]:
+def run_task(
+    task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig, multirun: bool
+) -> dict[str, float]:
     """Run a task; in a multirun one failing job is logged (``error.txt`` in its folder) and the
     sweep goes on, so the other jobs' results are kept."""
     try:

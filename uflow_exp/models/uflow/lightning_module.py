@@ -95,7 +95,9 @@ class UFlowModule(L.LightningModule):
     def _eval_masks(self, batch: dict) -> torch.Tensor:
         mask = batch["mask"].float()
         if mask.shape[-1] != self.eval_size:
-            mask = F.interpolate(mask, size=(self.eval_size, self.eval_size), mode="bilinear", align_corners=False)
+            mask = F.interpolate(
+                mask, size=(self.eval_size, self.eval_size), mode="bilinear", align_corners=False
+            )
         return mask >= 0.5
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -104,9 +106,11 @@ class UFlowModule(L.LightningModule):
             raise FloatingPointError(
                 f"training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
                 f"(batch {batch_idx}). Usual causes: a learning rate too high for this batch size "
-                "(try optimizer.lr 10x lower), images that are constant or corrupt, or affine_clamp too large."
+                "(try model.optimizer.lr 10x lower), constant or corrupt images, or a large affine_clamp."
             )
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch["image"]))
+        self.log(
+            "train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch["image"])
+        )
         return loss
 
     def on_validation_epoch_start(self) -> None:
@@ -114,8 +118,14 @@ class UFlowModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         z, log_jac_det = self._latents(batch, cached=True)
-        self.log("val/loss", nll_loss(z, log_jac_det), on_epoch=True, prog_bar=True, sync_dist=True,
-                 batch_size=len(batch["image"]))
+        self.log(
+            "val/loss",
+            nll_loss(z, log_jac_det),
+            on_epoch=True,
+            prog_bar=True,
+            sync_dist=True,
+            batch_size=len(batch["image"]),
+        )
         amap = self.model.anomaly_map(z, self.eval_size)
         mask = self._eval_masks(batch)
         if not self.trainer.sanity_checking:  # the sanity batches would count twice after a resume
@@ -126,8 +136,9 @@ class UFlowModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.threshold.needs_calibration and not self.trainer.sanity_checking:
             self.threshold.calibrate()
-        anomalous = self.trainer.strategy.reduce(torch.tensor(float(self._val_anomalous), device=self.device),
-                                                 reduce_op="sum")
+        anomalous = self.trainer.strategy.reduce(
+            torch.tensor(float(self._val_anomalous), device=self.device), reduce_op="sum"
+        )
         if anomalous > 0:  # validating on the test set (paper protocol): pixel metrics mean something
             metrics = self.val_metrics.compute()
             self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=False)
@@ -159,4 +170,3 @@ class UFlowModule(L.LightningModule):
             return optimizer
         scheduler = hydra.utils.instantiate(self.hparams.scheduler)(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
-

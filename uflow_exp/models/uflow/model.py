@@ -33,6 +33,8 @@ class UFlow(nn.Module):
         permute_soft: random orthogonal instead of hard channel permutations.
         pretrained: take ImageNet weights (the hub, or the offline package for efficientnet_lite0).
         weights: a local weights file (two files for mcait) instead of ``pretrained``.
+        fast_flow: build the flow from ``FastAllInOneBlock`` (same parameters and results, faster); False
+            builds FrEIA's reference blocks.
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class UFlow(nn.Module):
         permute_soft: bool = False,
         pretrained: bool = True,
         weights: str | Path | Sequence[str | Path] | None = None,
+        fast_flow: bool = True,
     ):
         super().__init__()
         self.input_size = input_size
@@ -56,6 +59,7 @@ class UFlow(nn.Module):
             affine_clamp=affine_clamp,
             subnet_channels_ratio=subnet_channels_ratio,
             permute_soft=permute_soft,
+            fast=fast_flow,
         )
 
     def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -111,4 +115,7 @@ class UFlow(nn.Module):
                 "check backbone, input_size and flow_steps"
             )
         if result.missing_keys:
-            log.info("Backbone weights not in the state_dict; kept the %d loaded at construction", len(result.missing_keys))
+            log.info(
+                "Backbone weights not in the state_dict; kept the %d loaded at construction",
+                len(result.missing_keys),
+            )

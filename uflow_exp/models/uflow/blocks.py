@@ -1,0 +1,170 @@
+"""A faster drop-in for FrEIA's ``AllInOneBlock``, numerically the same for the U-flow's configuration.
+
+FrEIA applies the block's hard channel permutation as a C x C 1x1 convolution (O(C^2) per pixel, in the
+forward and again in the backward pass); here it is an exact channel gather (O(C)), derived from the
+block's own ``w_perm``, so the authors' checkpoints, each with its own random permutations, load
+unchanged. The element-wise work around the coupling (soft-clamped affine, global affine, permutation)
+is about ten memory-bound passes in eager mode; ``compile_coupling`` fuses it into a few kernels with
+``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import FrEIA.modules as fm
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+COMPILE_ENV = "UFLOW_COMPILE_FLOW"
+
+
+class _ChannelGather(torch.autograd.Function):
+    """``x[:, index]`` for a permutation ``index``. The gradient is gathered back through ``inverse``
+    rather than scatter-added (autograd's default for indexing): exact for a permutation, and a plain
+    parallel copy."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        return x.index_select(1, index)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[2])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None
+
+
+def _coupling_eager(
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    a: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    index: torch.Tensor,
+    inverse: torch.Tensor,
+    clamp: float,
+    jac: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The forward block after its subnet: ``gather((x1 | x2 * exp(s) + t) * scale + offset)`` with
+    ``s = clamp * tanh(a_s / 10)``, ``t = a_t / 10`` and per-channel ``scale``, ``offset`` of shape (C,),
+    and the coupling's log-det ``sum s`` (or None)."""
+    a = a * 0.1
+    c1, c2 = x1.shape[1], x2.shape[1]
+    sub_jac = clamp * torch.tanh(a[:, :c2])
+    x2 = torch.addcmul(a[:, c2:], x2, torch.exp(sub_jac))
+    per_channel = (1, -1) + (1,) * (a.dim() - 2)
+    scale, offset = scale.view(per_channel), offset.view(per_channel)
+    y = torch.cat(
+        (torch.addcmul(offset[:, :c1], x1, scale[:, :c1]), torch.addcmul(offset[:, c1:], x2, scale[:, c1:])),
+        1,
+    )
+    log_jac_det = torch.sum(sub_jac, dim=tuple(range(1, a.dim()))) if jac else None
+    return _ChannelGather.apply(y, index, inverse), log_jac_det
+
+
+_compile_enabled = os.environ.get(COMPILE_ENV, "0") == "1"
+_coupling_compiled = None
+
+
+def compile_coupling(enabled: bool = True) -> None:
+    """Run the coupling's element-wise work through ``torch.compile`` (off by default, or set the
+    environment variable ``UFLOW_COMPILE_FLOW=1``).
+
+    Worth it for training and long inference runs: each new input shape costs a compile (seconds on
+    CPU, which needs a C++ compiler; GPUs need triton), cached on disk across processes. If compiling
+    fails, the eager path takes over with a warning.
+    """
+    global _compile_enabled
+    _compile_enabled = enabled
+
+
+def _coupling(*args):
+    global _compile_enabled, _coupling_compiled
+    if _compile_enabled:
+        if _coupling_compiled is None:
+            _coupling_compiled = torch.compile(_coupling_eager, dynamic=True)
+        try:
+            return _coupling_compiled(*args)
+        except Exception as error:  # any toolchain failure; a genuine error recurs in eager
+            log.warning("torch.compile of the flow coupling failed, continuing in eager mode: %s", error)
+            _compile_enabled = False
+    return _coupling_eager(*args)
+
+
+def _permutation_index(w: torch.Tensor) -> torch.Tensor | None:
+    """``i`` such that ``conv(x, w) == x[:, i]`` when ``w`` is a hard permutation matrix, else None."""
+    matrix = w.detach().flatten(1)
+    index = matrix.argmax(dim=1)
+    is_permutation = torch.equal(matrix, F.one_hot(index, matrix.shape[1]).to(matrix.dtype)) and bool(
+        torch.bincount(index, minlength=matrix.shape[1]).eq(1).all()
+    )
+    return index if is_permutation else None
+
+
+class FastAllInOneBlock(fm.AllInOneBlock):
+    """``AllInOneBlock`` with the same parameters and results, faster for hard permutations.
+
+    Configurations the fast path does not cover (soft permutations, i.e. any ``w_perm`` that is not a
+    permutation matrix, GIN, Householder, reverse permutation, conditions) run FrEIA's code.
+    """
+
+    def __init__(self, dims_in, dims_c=None, **kwargs):
+        super().__init__(dims_in, [] if dims_c is None else dims_c, **kwargs)
+        if kwargs.get("global_affine_type", "SOFTPLUS") == "SOFTPLUS":
+            # FrEIA's activation is a lambda, which cannot be pickled; the same function as a method can.
+            self.global_scale_activation = self._softplus_scale
+        self._fast = not (self.GIN or self.householder or self.reverse_pre_permute or self.conditional)
+        self._gather_cache: dict[str, tuple] = {}
+
+    def _softplus_scale(self, a: torch.Tensor) -> torch.Tensor:
+        return 0.1 * self.softplus(a)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        # A loaded (or assigned) w_perm carries its own permutation.
+        self._gather_cache.clear()
+
+    def _gather_indices(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The gather index of permutation matrix ``name`` and its inverse; recomputed when the matrix
+        changes in place (version) or moves (device)."""
+        w = getattr(self, name)
+        key = (w._version, w.device)
+        cached = self._gather_cache.get(name)
+        if cached is None or cached[0] != key:
+            index = _permutation_index(w)
+            cached = (key, None if index is None else (index, torch.argsort(index)))
+            self._gather_cache[name] = cached
+        return cached[1]
+
+    def forward(self, x, c=None, rev=False, jac=True):
+        indices = self._gather_indices("w_perm_inv" if rev else "w_perm") if self._fast else None
+        if indices is None:
+            return super().forward(x, [] if c is None else c, rev=rev, jac=jac)
+        index, inverse = indices
+        x = x[0]
+        scale = self.global_scale_activation(self.global_scale)
+        if rev:
+            x = (_ChannelGather.apply(x, index, inverse) - self.global_offset) / scale
+        x1, x2 = torch.split(x, self.splits, dim=1)
+        a = self.subnet(x1)
+        if rev:
+            a = a * 0.1
+            sub_jac = self.clamp * torch.tanh(a[:, : self.splits[1]])
+            out = torch.cat((x1, (x2 - a[:, self.splits[1] :]) * torch.exp(-sub_jac)), 1)
+            log_jac_det = -torch.sum(sub_jac, dim=self.sum_dims) if jac else None
+        else:
+            # Flat per-channel affine: torch.compile keeps parameters' shapes static, which would compile
+            # each stage's channel count separately.
+            out, log_jac_det = _coupling(
+                x1, x2, a, scale.flatten(), self.global_offset.flatten(), index, inverse, self.clamp, jac
+            )
+        if log_jac_det is not None:
+            log_jac_det = log_jac_det + (-1) ** rev * out[0, :1].numel() * torch.sum(torch.log(scale))
+        return (out,), log_jac_det

@@ -1,0 +1,162 @@
+"""`python -m uflow_exp.predict`: files at each image's resolution, one CSV row per readable image,
+unreadable files named and counted, and the exit status."""
+
+import csv
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests import fake_layouts
+from tests.framework_helpers import TINY, compose_train
+from uflow_exp.tasks.predict import CSV_COLUMNS, CSV_NAME, predict
+from uflow_exp.tasks.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+# (name, width, height) of the readable inputs; the corrupt one is "broken.png"
+GOOD = {"rgb_small.png": (48, 40), "rgb_wide.png": (150, 70), "grey.png": (60, 90), "deep16.png": (33, 57)}
+
+
+def _train(tmp: Path, threshold: str) -> Path:
+    root = fake_layouts.make_mvtec(tmp / "data", n_train=6, size=64)
+    train(
+        compose_train(
+            [*TINY, "dataset=mvtec", f"dataset.root={root}", f"threshold={threshold}", "test=false"],
+            tmp / "run",
+        )
+    )
+    return tmp / "run" / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return _train(tmp_path_factory.mktemp("nfa"), "nfa_tree")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+    for name in ("rgb_small.png", "rgb_wide.png"):
+        w, h = GOOD[name]
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / name)
+    w, h = GOOD["grey.png"]
+    Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)).save(folder / "grey.png")
+    w, h = GOOD["deep16.png"]
+    Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16)).save(folder / "deep16.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (folder / "notes.txt").write_text("not an image: ignored by suffix")
+    return folder
+
+
+def _predict(ckpt: Path, input_: Path | str, out: Path, *extra: str) -> dict:
+    cfg = compose_train(
+        [f"ckpt_path={ckpt}", f"input={input_}", f"output={out}", "num_workers=0", "device=cpu", *extra],
+        out / "run",
+        "predict",
+    )
+    return predict(cfg)
+
+
+def _rows(out: Path) -> list[dict]:
+    with open(out / CSV_NAME, newline="") as handle:
+        reader = csv.DictReader(handle)
+        assert tuple(reader.fieldnames) == CSV_COLUMNS
+        return list(reader)
+
+
+def test_outputs_at_original_resolution_and_bad_file_counted(checkpoint, inputs, tmp_path, caplog):
+    out = tmp_path / "out"
+    with caplog.at_level(logging.ERROR):
+        result = _predict(checkpoint, inputs, out, "raw_map=npy", "batch_size=2")
+    assert result == {"images": 4, "failed": 1}
+    assert "broken.png" in caplog.text
+
+    rows = _rows(out)
+    assert sorted(Path(r["path"]).name for r in rows) == sorted(GOOD)
+    for row in rows:
+        name = Path(row["path"]).stem
+        w, h = GOOD[Path(row["path"]).name]
+        score, area = float(row["score"]), float(row["area_fraction"])
+        assert 0.0 <= score <= 1.0 and 0.0 <= area <= 1.0
+        assert row["decision"] == ("anomalous" if area > 0 else "normal")
+        assert (float(row["max_neg_log10_nfa"]) > 0) == (row["decision"] == "anomalous")  # log NFA = 0 rule
+
+        raw = np.load(out / "maps" / f"{name}.npy")
+        assert raw.shape == (h, w) and raw.dtype == np.float32
+        assert 0.0 <= raw.min() and raw.max() <= score + 1e-6  # bilinear never exceeds the model map's max
+        mask = np.asarray(Image.open(out / "masks" / f"{name}.png"))
+        assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, 255}
+        assert mask.any() == (row["decision"] == "anomalous")
+        overlay = Image.open(out / "overlays" / f"{name}.png")
+        assert overlay.width > w and overlay.height >= h  # the image plus the colour-bar strip
+    assert not (out / "maps" / "broken.npy").exists()
+
+
+def test_overlay_top_left_is_the_image_blended(checkpoint, inputs, tmp_path):
+    out = tmp_path / "out"
+    _predict(checkpoint, inputs / "rgb_wide.png", out, "overlay_alpha=0")
+    image = np.asarray(Image.open(inputs / "rgb_wide.png"))
+    overlay = np.asarray(Image.open(out / "overlays" / "rgb_wide.png").convert("RGB"))
+    mask = np.asarray(Image.open(out / "masks" / "rgb_wide.png")) > 0
+    h, w = mask.shape
+    # with no heat-map weight, every pixel off the mask outline is the input pixel, so not transposed
+    same = (overlay[:h, :w] == image).all(axis=2)
+    assert same[~mask].all()
+
+
+def test_png16_maps_and_no_nfa_column_for_a_calibrated_threshold(inputs, tmp_path):
+    ckpt = _train(tmp_path / "quantile", "normal_quantile")
+    out = tmp_path / "out"
+    result = _predict(ckpt, f"{inputs}/*.png", out, "raw_map=png16")
+    assert result["failed"] == 1
+    rows = _rows(out)
+    assert len(rows) == 4 and all(r["max_neg_log10_nfa"] == "" for r in rows)
+    raw = Image.open(out / "maps" / "grey.png")
+    assert raw.mode.startswith("I") and raw.size == GOOD["grey.png"]
+    score = float(next(r for r in rows if r["path"].endswith("grey.png"))["score"])
+    assert np.asarray(raw).max() / 65535 <= score + 1e-4
+
+
+def test_colliding_names_keep_apart(checkpoint, inputs, tmp_path):
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    image = Image.open(inputs / "rgb_small.png")
+    image.save(folder / "a.png")
+    image.save(folder / "a.bmp")
+    image.save(folder / "sub" / "a.png")
+    out = tmp_path / "out"
+    assert _predict(checkpoint, f"{folder}/**/a.*", out)["images"] == 3
+    assert {p.relative_to(out / "masks").as_posix() for p in (out / "masks").rglob("*.png")} == {
+        "a_png.png",
+        "a_bmp.png",
+        "sub/a.png",
+    }
+
+
+def test_command_line_exit_status(checkpoint, inputs, tmp_path):
+    common = [
+        sys.executable,
+        "-m",
+        "uflow_exp.predict",
+        f"ckpt_path={checkpoint}",
+        "num_workers=0",
+        f"paths.log_dir={tmp_path / 'logs'}",
+    ]
+    env = {**os.environ, "PROJECT_ROOT": str(tmp_path)}
+    failed = subprocess.run(
+        [*common, f"input={inputs}", f"output={tmp_path / 'out'}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert failed.returncode == 1, failed.stderr
+    assert "broken.png" in failed.stdout + failed.stderr
+    assert len(_rows(tmp_path / "out")) == 4

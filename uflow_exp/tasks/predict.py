@@ -1,0 +1,256 @@
+"""Predict with a trained checkpoint on any images: overlays, masks, raw maps and a CSV of scores.
+
+Images take the training data path (``AnomalyDataset``: ``read_image``, resize, ImageNet
+normalisation) and the module's ``predict_step``. The CSV's score, decision and area are computed on
+the model's ``eval_size`` maps, as in evaluation; the files are resized back to each image's H x W.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from PIL import Image, ImageDraw, ImageFont
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from uflow_exp.data import AnomalyDataset, BadFileError, Record
+from uflow_exp.data.io import read_image
+from uflow_exp.data.records import IMAGE_SUFFIXES, list_images, natural_key
+from uflow_exp.models.uflow.lightning_module import UFlowModule
+from uflow_exp.thresholds import NFABlockThreshold, NFATreeThreshold
+from uflow_exp.utils import print_config
+
+log = logging.getLogger(__name__)
+
+RAW_MAPS = ("none", "npy", "png16")
+CSV_COLUMNS = ("path", "score", "decision", "max_neg_log10_nfa", "area_fraction")
+CSV_NAME = "predictions.csv"
+
+
+def find_inputs(spec: str) -> list[Path]:
+    """The image files of a folder (not recursive), of a glob (``**`` recurses) or one named file."""
+    path = Path(spec)
+    if path.is_dir():
+        files = list_images(path)
+    elif path.is_file():
+        files = [path]
+    else:
+        matches = sorted((Path(p) for p in glob.glob(spec, recursive=True)), key=natural_key)
+        files = [p for p in matches if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise FileNotFoundError(f"input={spec}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
+
+
+def output_names(files: list[Path]) -> list[Path]:
+    """Each input's output name: its path below the inputs' common folder, without the suffix, or with
+    the suffix folded into the name where two inputs would collide (``a.png`` and ``a.jpg``)."""
+    resolved = [p.resolve() for p in files]
+    common = Path(os.path.commonpath([p.parent for p in resolved]))
+    relative = [p.relative_to(common) for p in resolved]
+    stems = Counter(r.with_suffix("") for r in relative)
+    return [
+        r.with_name(f"{r.stem}_{r.suffix.lstrip('.')}") if stems[r.with_suffix("")] > 1 else r.with_suffix("")
+        for r in relative
+    ]
+
+
+class _Guarded(Dataset):
+    """``AnomalyDataset`` samples, or why a file failed: one bad file must not end the run."""
+
+    def __init__(self, files: list[Path], image_size: int) -> None:
+        self.samples = AnomalyDataset([Record(f, None, 0) for f in files], image_size)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            return {"image": self.samples[index]["image"], "index": index}
+        except BadFileError as error:
+            return {"index": index, "error": error.reason or str(error)}
+        except Exception as error:  # decoders raise more than BadFileError (e.g. PIL's decompression bomb)
+            return {"index": index, "error": f"{type(error).__name__}: {error}"}
+
+
+def _collate(items: list[dict]) -> tuple[dict | None, list[dict]]:
+    good = [item for item in items if "error" not in item]
+    return (default_collate(good) if good else None), [item for item in items if "error" in item]
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def render_overlay(
+    image: np.ndarray, amap: np.ndarray, mask: np.ndarray, alpha: float, threshold: float | None = None
+) -> Image.Image:
+    """The image (H, W, 3) with the anomaly map blended in as a jet heat-map (0 blue .. 1 red) and the
+    mask's outline in white, pixel-aligned at the top left; a strip on the right holds the colour
+    bar (with the threshold when it is a map value) and the outline's legend."""
+    from matplotlib import colormaps
+    from scipy.ndimage import binary_erosion
+
+    jet = colormaps["jet"]
+    h, w = mask.shape
+    blended = (1.0 - alpha) * image + alpha * jet(amap)[..., :3]
+    thickness = max(1, round(min(h, w) / 200))
+    outline = mask & ~binary_erosion(mask, iterations=thickness)
+    blended[outline] = 1.0
+
+    size = int(np.clip(h / 24, 10, 28))
+    font = ImageFont.load_default(size=size)
+    pad, bar_w = size // 2, size
+    height = max(h, 12 * size)
+    canvas = Image.new(
+        "RGB", (w + 3 * pad + bar_w + int(font.getlength("0.5")) + 4 * size, height), (40, 40, 40)
+    )
+    canvas.paste(Image.fromarray((blended * 255).round().astype(np.uint8)), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    x0 = w + 2 * pad
+    top, bottom = pad + 2 * size, height - pad - 3 * size
+    draw.text((x0, pad), "score", fill="white", font=font)
+    levels = np.linspace(1.0, 0.0, bottom - top)[:, None]
+    bar = (jet(np.repeat(levels, bar_w, axis=1))[..., :3] * 255).round().astype(np.uint8)
+    canvas.paste(Image.fromarray(bar), (x0, top))
+
+    def y_of(value: float) -> int:
+        return round(bottom - 1 - value * (bottom - top - 1))
+
+    marks = [(value, f"{value:g}") for value in (1.0, 0.5, 0.0)]
+    if threshold is not None:  # its label wins over a fixed tick it would overlap
+        marks = [m for m in marks if abs(y_of(m[0]) - y_of(threshold)) > size] + [(threshold, "thr")]
+    for value, label in marks:
+        draw.line([(x0, y_of(value)), (x0 + bar_w + pad // 2, y_of(value))], fill="white", width=1)
+        draw.text((x0 + bar_w + pad, y_of(value)), label, fill="white", font=font, anchor="lm")
+    legend_y = bottom + size + pad
+    draw.line([(x0, legend_y), (x0 + bar_w, legend_y)], fill="white", width=max(2, thickness))
+    draw.text((x0 + bar_w + pad, legend_y), "mask", fill="white", font=font, anchor="lm")
+    return canvas
+
+
+@dataclass(frozen=True)
+class _Writer:
+    """Writes one image's files and returns its CSV row."""
+
+    output: Path
+    raw_map: str
+    alpha: float
+    nfa: bool
+    threshold: float | None  # calibrated modes: the map value the colour bar marks
+
+    def __call__(self, path: Path, name: Path, sample: dict[str, torch.Tensor]) -> list[str]:
+        """``sample``: one image's ``predict_step`` outputs, each (1, S, S)."""
+        amap, segmentation, significance = (
+            sample["anomaly_map"],
+            sample["segmentation"],
+            sample["significance"],
+        )
+        image = read_image(path)
+        hw = image.shape[:2]
+        full_map = F.interpolate(amap[None], hw, mode="bilinear", align_corners=False)[0, 0].clamp(0, 1)
+        # nearest-exact samples pixel centres, as bilinear with align_corners=False does
+        full_mask = F.interpolate(segmentation[None].float(), hw, mode="nearest-exact")[0, 0] > 0.5
+        full_map, full_mask = full_map.cpu().numpy(), full_mask.cpu().numpy()
+
+        overlay = render_overlay(image, full_map, full_mask, self.alpha, self.threshold)
+        self._save(overlay, "overlays", name, ".png")
+        self._save(Image.fromarray(full_mask.astype(np.uint8) * 255), "masks", name, ".png")
+        if self.raw_map == "npy":
+            target = self._target("maps", name, ".npy")
+            np.save(target, full_map.astype(np.float32))
+        elif self.raw_map == "png16":
+            self._save(Image.fromarray((full_map * 65535).round().astype(np.uint16)), "maps", name, ".png")
+
+        anomalous = bool(segmentation.any())  # for NFA modes: max -log10 NFA > its threshold
+        return [
+            str(path),
+            f"{float(amap.max()):.6f}",
+            "anomalous" if anomalous else "normal",
+            f"{float(significance.max()):.4f}" if self.nfa else "",
+            f"{float(segmentation.float().mean()):.6f}",
+        ]
+
+    def _target(self, kind: str, name: Path, suffix: str) -> Path:
+        target = self.output / kind / name.parent / f"{name.name}{suffix}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def _save(self, image: Image.Image, kind: str, name: Path, suffix: str) -> None:
+        image.save(self._target(kind, name, suffix))
+
+
+def predict(cfg: DictConfig) -> dict[str, float]:
+    """Returns ``{"images": predicted, "failed": unreadable}``; each failure is logged by name."""
+    if cfg.raw_map not in RAW_MAPS:
+        raise ValueError(f"raw_map must be one of {RAW_MAPS}, got {cfg.raw_map!r}")
+    ckpt = Path(cfg.ckpt_path)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
+    files = find_inputs(str(cfg.input))
+    names = output_names(files)
+    output = Path(cfg.output)
+    output.mkdir(parents=True, exist_ok=True)
+    print_config(cfg, Path(cfg.paths.output_dir) / "config_resolved.yaml")
+
+    device = _device(cfg.device)
+    module = UFlowModule.from_checkpoint(str(ckpt), map_location=device).eval()
+    threshold = module.threshold
+    nfa = isinstance(threshold, (NFATreeThreshold, NFABlockThreshold))
+    level = float(threshold.value) if hasattr(threshold, "value") else None  # calibrated modes: a map value
+    write = _Writer(output, cfg.raw_map, float(cfg.overlay_alpha), nfa, level)
+    loader = DataLoader(
+        _Guarded(files, module.hparams.backbone["input_size"]),
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+    )
+
+    failures: list[tuple[Path, str]] = []
+
+    def fail(path: Path, reason: str) -> None:
+        log.error("failed: %s: %s", path, reason)
+        failures.append((path, reason))
+
+    columns = (TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with (
+        open(output / CSV_NAME, "w", newline="") as handle,
+        Progress(*columns) as progress,
+        torch.inference_mode(),
+    ):
+        rows = csv.writer(handle)
+        rows.writerow(CSV_COLUMNS)
+        bar = progress.add_task("predict", total=len(files))
+        predicted = 0
+        for batch_idx, (batch, bad) in enumerate(loader):
+            for item in bad:
+                fail(files[item["index"]], item["error"])
+            if batch is not None:
+                out = module.predict_step({"image": batch["image"].to(device)}, batch_idx)
+                for i, index in enumerate(batch["index"].tolist()):
+                    try:
+                        rows.writerow(write(files[index], names[index], {k: v[i] for k, v in out.items()}))
+                        predicted += 1
+                    except BadFileError as error:  # the file changed since the batch read it
+                        fail(files[index], error.reason or str(error))
+                handle.flush()
+            progress.advance(bar, len(bad) + (len(batch["index"]) if batch is not None else 0))
+
+    log.info("Predicted %d image(s) into %s (%s)", predicted, output, output / CSV_NAME)
+    if failures:
+        names_failed = ", ".join(str(path) for path, _ in failures)
+        log.error("%d of %d file(s) failed: %s", len(failures), len(files), names_failed)
+    return {"images": predicted, "failed": len(failures)}

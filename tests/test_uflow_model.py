@@ -76,7 +76,9 @@ def test_latent_shapes(backbone, size, channels):
     model = UFlow(backbone=backbone, input_size=size, flow_steps=2, pretrained=False).eval()
     with torch.no_grad():
         z, log_jac_det = model(torch.randn(2, 3, size, size))
-    assert [tuple(t.shape) for t in z] == [(2, c, size // s, size // s) for c, s in zip(channels, (4, 8, 16))]
+    assert [tuple(t.shape) for t in z] == [
+        (2, c, size // s, size // s) for c, s in zip(channels, (4, 8, 16), strict=True)
+    ]
     assert log_jac_det.shape == (2,)
 
 

@@ -21,12 +21,11 @@ def _denormalize(image: torch.Tensor) -> torch.Tensor:
 
 def render_panel(image, mask, amap, segmentation, title: str, path: Path) -> None:
     """One row: image | ground truth | anomaly map (with colour bar) | automatic segmentation."""
-    import matplotlib
+    # A bare Figure (no pyplot): rendering must not switch the backend of a notebook or GUI session.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 4, figsize=(13, 3.4), constrained_layout=True)
+    fig = Figure(figsize=(13, 3.4), layout="constrained")
+    axes = fig.subplots(1, 4)
     panels = [
         (image.permute(1, 2, 0).numpy(), "image", {}),
         (mask.numpy(), "ground truth", {"cmap": "gray", "vmin": 0, "vmax": 1}),
@@ -42,7 +41,6 @@ def render_panel(image, mask, amap, segmentation, title: str, path: Path) -> Non
     fig.suptitle(title, fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 class TestImageLogger(L.Callback):

@@ -1,0 +1,111 @@
+"""ONNX export of a tiny trained checkpoint: onnxruntime reproduces the torch anomaly map."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests import fake_layouts
+from tests.framework_helpers import TINY, compose_train
+from uflow_exp.models.uflow.lightning_module import UFlowModule
+from uflow_exp.tasks.export import AnomalyMapNet, export, export_onnx
+from uflow_exp.tasks.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+HAVE_ONNX = all(importlib.util.find_spec(name) for name in ("onnx", "onnxruntime"))
+needs_onnx = pytest.mark.skipif(not HAVE_ONNX, reason="onnx and onnxruntime are not installed")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("export")
+    root = fake_layouts.make_mvtec(tmp / "data", n_train=6, size=64)
+    train(compose_train([*TINY, "dataset=mvtec", f"dataset.root={root}", "test=false"], tmp / "run"))
+    return tmp / "run" / "checkpoints" / "last.ckpt"
+
+
+def _torch_and_onnx_maps(module: UFlowModule, path: Path, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    import onnxruntime as ort
+
+    images = torch.randn(batch_size, 3, 64, 64, generator=torch.Generator().manual_seed(batch_size))
+    with torch.no_grad():
+        expected = AnomalyMapNet(module.model.eval(), module.eval_size)(images).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"images": images.numpy()})
+    return expected, got
+
+
+@needs_onnx
+def test_onnx_map_matches_torch_for_any_batch_size(checkpoint, tmp_path):
+    import onnx
+
+    cfg = compose_train([f"ckpt_path={checkpoint}"], tmp_path / "out", "export")
+    result = export(cfg)
+    path = checkpoint.with_suffix(".onnx")  # output=null: beside the checkpoint
+    assert path.is_file()
+    assert result["max_abs_diff"] < 1e-4
+    module = UFlowModule.from_checkpoint(str(checkpoint))
+    for batch_size in (2, 3, 1):  # 2 is the export's example batch; the others need the dynamic axis
+        expected, got = _torch_and_onnx_maps(module, path, batch_size)
+        assert got.shape == (batch_size, 1, 64, 64)
+        assert np.abs(got - expected).max() < 1e-4
+        assert expected.std() > 0  # a real map, not a constant that would match trivially
+    metadata = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert metadata["input_size"] == "64" and metadata["eval_size"] == "64"
+    assert metadata["flow_blocks"] == "fast"
+
+
+@needs_onnx
+def test_falls_back_to_freia_blocks_with_the_same_map(checkpoint, tmp_path, monkeypatch):
+    import onnx
+
+    from uflow_exp.models.uflow.blocks import FastAllInOneBlock
+    from uflow_exp.tasks import export as export_task
+
+    real_export = export_task._export_onnx_graph
+
+    def fast_block_unsupported(net, *args):
+        # Stands in for an exporter that cannot trace the fast block's custom autograd Function.
+        if any(isinstance(m, FastAllInOneBlock) for m in net.modules()):
+            raise RuntimeError("unsupported autograd Function")
+        real_export(net, *args)
+
+    monkeypatch.setattr(export_task, "_export_onnx_graph", fast_block_unsupported)
+    module = UFlowModule.from_checkpoint(str(checkpoint))
+    path = export_onnx(module, tmp_path / "nested" / "reference.onnx")
+    assert {p.key: p.value for p in onnx.load(str(path)).metadata_props}["flow_blocks"] == "reference"
+    expected, got = _torch_and_onnx_maps(module, path, 2)
+    assert np.abs(got - expected).max() < 1e-4
+
+
+def test_unknown_format_is_refused(tmp_path):
+    cfg = compose_train(["ckpt_path=whatever.ckpt", "format=tflite"], tmp_path / "out", "export")
+    with pytest.raises(ValueError, match=r"format=tflite.*onnx"):
+        export(cfg)
+
+
+@needs_onnx
+def test_command_line_writes_the_named_output(checkpoint, tmp_path):
+    output = tmp_path / "model.onnx"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "uflow_exp.export",
+            f"ckpt_path={checkpoint}",
+            f"output={output}",
+            f"paths.log_dir={tmp_path / 'logs'}",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PROJECT_ROOT": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert output.is_file() and output.stat().st_size > 1_000_000  # resnet18's two stages + flow weights

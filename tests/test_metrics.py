@@ -312,3 +312,32 @@ def test_ddp_sync_matches_single_process(tmp_path):
     single = AnomalyMetrics(n_bins=500)
     single.update(scores, gt, scores > 0.6)
     assert json.loads(out_file.read_text()) == pytest.approx(compute_quietly(single), rel=1e-12, abs=1e-12)
+
+
+def test_curves_match_the_areas_and_end_points():
+    from uflow_exp.metrics import AnomalyMetrics
+
+    g = torch.Generator().manual_seed(3)
+    gt = torch.zeros(4, 1, 16, 16, dtype=torch.bool)
+    gt[1, 0, 2:6, 2:6] = True
+    gt[2, 0, 8:12, 3:9] = True
+    amap = (torch.rand(4, 1, 16, 16, generator=g) * 0.6 + gt * 0.3).clamp(0, 1)
+    metrics = AnomalyMetrics(n_bins=100)
+    metrics.update(amap, gt)
+    curves = metrics.curves()
+    values = metrics.compute()
+    fpr, tpr = curves["roc"]
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert torch.trapezoid(tpr, fpr).item() == pytest.approx(values["pixel_auroc"], abs=1e-9)
+    fpr, pro = curves["pro"]
+    inside = fpr <= 0.3
+    assert pro[-1].item() == pytest.approx(1.0)
+    assert torch.all(pro[1:] >= pro[:-1]) and torch.all(fpr[inside] <= 0.3)
+
+
+def test_curves_leave_out_what_is_undefined():
+    from uflow_exp.metrics import AnomalyMetrics
+
+    metrics = AnomalyMetrics(n_bins=10)
+    metrics.update(torch.rand(2, 1, 8, 8), torch.zeros(2, 1, 8, 8, dtype=torch.bool))
+    assert metrics.curves() == {}

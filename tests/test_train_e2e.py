@@ -54,6 +54,8 @@ def test_one_epoch_on_each_layout(layout, tmp_path):
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(written) == set(metrics)
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    panels = sorted((tmp_path / "run" / "test_images").glob("*.png"))
+    assert tmp_path / "run" / "test_images" / "curves.png" in panels and len(panels) >= 2
 
 
 def test_checkpoint_loads_weights_only_and_keeps_the_threshold(tmp_path):

@@ -8,7 +8,6 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
 
 from uflow_exp.models.uflow import IMAGENET_MEAN, IMAGENET_STD
 
@@ -79,8 +78,14 @@ class TestImageLogger(L.Callback):
         n_normal = min(len(normal), max(self.max_images // 4, self.max_images - len(anomalous)))
         return normal[:n_normal] + anomalous[: self.max_images - n_normal]
 
-    @rank_zero_only
     def on_test_epoch_end(self, trainer, pl_module) -> None:
+        # Every rank takes part in syncing the curves' histograms; only rank zero draws.
+        curves = pl_module.test_metrics.curves() if hasattr(pl_module, "test_metrics") else {}
+        if trainer.is_global_zero:
+            self._render(trainer, curves)
+        self._kept = {False: [], True: []}
+
+    def _render(self, trainer, curves: dict) -> None:
         chosen = self._chosen()
         paths = []
         for index, sample in enumerate(chosen):
@@ -89,9 +94,40 @@ class TestImageLogger(L.Callback):
                 sample["image"], sample["mask"], sample["amap"], sample["segmentation"], sample["path"], path
             )
             paths.append(path)
+        captions = [s["path"] for s in chosen]
+        if curves:
+            paths.append(render_curves(curves, self.output_dir / "curves.png"))
+            captions.append("pixel ROC and PRO curves")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger) and paths:
-                logger.log_image(
-                    key="test/examples", images=[str(p) for p in paths], caption=[s["path"] for s in chosen]
-                )
-        self._kept = {False: [], True: []}
+                logger.log_image(key="test/examples", images=[str(p) for p in paths], caption=captions)
+
+
+def render_curves(curves: dict, path: Path, max_fpr: float = 0.3) -> Path:
+    """Pixel ROC (full range) and PRO (the AUPRO range up to ``max_fpr`` marked) side by side."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 4), layout="constrained")
+    axes = fig.subplots(1, 2)
+    titles = {"roc": ("pixel ROC", "true positive rate"), "pro": ("per-region overlap", "PRO")}
+    for ax, (name, (title, ylabel)) in zip(axes, titles.items(), strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("false positive rate (normal pixels)")
+        ax.set_ylabel(ylabel)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        if name not in curves:
+            ax.text(0.5, 0.5, "undefined: no anomalous pixels", ha="center")
+            continue
+        x, y = (t.cpu().numpy() for t in curves[name])
+        ax.plot(x, y, color="tab:red")
+        if name == "pro":
+            ax.axvline(max_fpr, color="gray", linestyle="--", label=f"AUPRO limit (FPR {max_fpr})")
+            ax.legend(loc="lower right")
+        else:
+            ax.plot([0, 1], [0, 1], color="gray", linestyle=":", label="chance")
+            ax.legend(loc="lower right")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    return path

@@ -66,6 +66,17 @@ class AnomalyMetrics(nn.Module):
             metrics |= {"miou": self.miou, "pixel_f1": self.pixel_f1}
         return {name: float(metric.compute()) for name, metric in metrics.items()}
 
+    def curves(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """The pixel ROC (``roc``: FPR, TPR) and PRO (``pro``: FPR, PRO) curves, synced across processes
+        (every rank must call this); a curve undefined for the data is left out."""
+        curves = {}
+        for name, metric in (("roc", self.pixel_auroc), ("pro", self.pixel_aupro)):
+            with metric.sync_context():
+                curve = metric.curve()
+            if curve is not None:
+                curves[name] = curve
+        return curves
+
     def reset(self) -> None:
         for metric in (
             self.image_auroc,

@@ -97,14 +97,19 @@ class PixelAUROC(_BinnedAreaMetric):
         index = bin_index(scores, self.n_bins) + self.n_bins * gt.long()
         self.hist += torch.bincount(index.flatten(), minlength=2 * self.n_bins).view(2, self.n_bins)
 
-    def _area(self) -> tuple[Tensor, Tensor] | None:
+    def curve(self) -> tuple[Tensor, Tensor] | None:
+        """(FPR, TPR) at every bin cut, from the highest threshold down; None when undefined."""
         normal, anomalous = self.hist
         if anomalous.sum() == 0 or normal.sum() == 0:
+            return None
+        return curve_from_top(normal, normal.sum()), curve_from_top(anomalous, anomalous.sum())
+
+    def _area(self) -> tuple[Tensor, Tensor] | None:
+        curve = self.curve()
+        if curve is None:
             warn_undefined("Pixel AUROC", "the test pixels do not contain both anomalous and normal pixels")
             return None
-        fpr = curve_from_top(normal, normal.sum())
-        tpr = curve_from_top(anomalous, anomalous.sum())
-        return partial_area(fpr, tpr, 1.0)
+        return partial_area(*curve, 1.0)
 
 
 class PixelAUPRO(_BinnedAreaMetric):
@@ -164,13 +169,19 @@ class PixelAUPRO(_BinnedAreaMetric):
         self.overlap_hist += overlap.to(self.overlap_hist.device)
         self.n_regions += n_regions
 
-    def _area(self) -> tuple[Tensor, Tensor] | None:
+    def curve(self) -> tuple[Tensor, Tensor] | None:
+        """(FPR, PRO) at every bin cut, from the highest threshold down; None when undefined."""
         if self.n_regions == 0 or self.normal_hist.sum() == 0:
-            warn_undefined("Pixel AUPRO", "the test set lacks anomalous regions or normal pixels")
             return None
         fpr = curve_from_top(self.normal_hist, self.normal_hist.sum())
-        pro = curve_from_top(self.overlap_hist, self.n_regions)
-        return partial_area(fpr, pro, self.max_fpr)
+        return fpr, curve_from_top(self.overlap_hist, self.n_regions)
+
+    def _area(self) -> tuple[Tensor, Tensor] | None:
+        curve = self.curve()
+        if curve is None:
+            warn_undefined("Pixel AUPRO", "the test set lacks anomalous regions or normal pixels")
+            return None
+        return partial_area(*curve, self.max_fpr)
 
 
 class BestMIoU(Metric):

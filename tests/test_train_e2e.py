@@ -121,3 +121,34 @@ def test_evaluate_reproduces_the_test_metrics_of_training(tmp_path):
     assert set(evaluated) == {k for k in trained if k.startswith("test/")}
     for key, value in evaluated.items():
         assert value == pytest.approx(trained[key], rel=1e-6, nan_ok=True), key
+
+
+def test_evaluate_takes_a_checkpoint_of_the_authors_release(tmp_path):
+    import argparse
+
+    from uflow_exp.tasks.evaluate import evaluate
+
+    root = fake_layouts.make_mvtec(tmp_path / "data", n_train=6, size=64)
+    data = ["dataset=mvtec", f"dataset.root={root}", "dataset.num_workers=0"]
+    trained = train(compose_train([*TINY, *data, "threshold=nfa_tree"], tmp_path / "run"))
+    ours = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    # Their layout: a Lightning module holding the model as `model`, metric buffers beside it, and
+    # hyper-parameters pickled as Python objects.
+    state = {k: v for k, v in ours["state_dict"].items() if k.startswith("model.")}
+    state["aupro.fpr"] = torch.zeros(3)
+    release = tmp_path / "release.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": argparse.Namespace(backbone="resnet18")}, release)
+
+    described = [*data, "backbone=resnet18", "backbone.input_size=64", "flow.flow_steps=2", "model.eval_size=64"]
+    cfg = compose_train([*described, "trainer=cpu", f"ckpt_path={release}"], tmp_path / "eval", "eval")
+    with pytest.raises(ValueError, match="trust_checkpoint=true"):
+        evaluate(cfg)
+    cfg.trust_checkpoint = True
+    evaluated = evaluate(cfg)
+    for key, value in evaluated.items():
+        assert value == pytest.approx(trained[key], rel=1e-6, nan_ok=True), key
+
+    del state["model.feature_extractor.extractor.conv1.weight"]
+    torch.save({"state_dict": state}, release)
+    with pytest.raises(KeyError, match="backbone"):
+        evaluate(cfg)

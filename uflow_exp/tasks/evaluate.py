@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 
 import hydra
@@ -16,13 +17,30 @@ from uflow_exp.utils import instantiate_dict, print_config, write_metrics
 log = logging.getLogger(__name__)
 
 
+def read_checkpoint(path: Path, trusted: bool) -> dict:
+    """A checkpoint's contents; tensors and plain values only unless ``trusted``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trusted)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path} holds pickled Python objects besides tensors (as the authors' released checkpoints "
+            "do); loading it runs code from the file. If you trust its source, add trust_checkpoint=true."
+        ) from err
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     ckpt = Path(cfg.ckpt_path)
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
-    hparams = torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]
+    checkpoint = read_checkpoint(ckpt, cfg.get("trust_checkpoint", False))
+    hparams = checkpoint.get("hyper_parameters")
+    ours = isinstance(hparams, dict) and isinstance(hparams.get("backbone"), dict)
     with open_dict(cfg):
-        cfg.backbone = hparams["backbone"]  # the data set's image size follows the checkpoint
+        if ours:  # the data set's image size follows the checkpoint
+            cfg.backbone = hparams["backbone"]
+        else:  # the authors' release: described by the config; its backbone weights are inside
+            cfg.backbone.pretrained = False
+            cfg.backbone.weights = None
     output_dir = Path(cfg.paths.output_dir)
     print_config(cfg, output_dir / "config_resolved.yaml")
     if cfg.get("seed") is not None:
@@ -30,7 +48,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.dataset)
     datamodule.prepare_data()
-    model = UFlowModule.from_checkpoint(str(ckpt))
+    if ours:
+        model = UFlowModule.from_checkpoint(str(ckpt))
+    else:
+        model = hydra.utils.instantiate(cfg.model)
+        model.model.load_reference_state_dict(checkpoint, require_backbone=True)
+        log.info("Loaded %s as a checkpoint of the authors' release", ckpt)
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, logger=instantiate_dict(cfg.get("logger")) or False
     )

@@ -80,12 +80,14 @@ class UFlow(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         return self.encode(self.normalize(self.extract(images)))
 
-    def load_reference_state_dict(self, state_dict: Mapping[str, torch.Tensor] | str | Path) -> None:
+    def load_reference_state_dict(
+        self, state_dict: Mapping[str, torch.Tensor] | str | Path, require_backbone: bool = False
+    ) -> None:
         """Load weights in the authors' layout: a state_dict, or a checkpoint file of their release
         format (a Lightning ``.ckpt`` whose ``state_dict`` keys carry a ``model.`` prefix).
 
-        Backbone tensors may be absent (the backbone then keeps the weights it was built with);
-        every flow and normalisation tensor must be present and fit.
+        Backbone tensors may be absent (the backbone then keeps the weights it was built with) unless
+        ``require_backbone``; every flow and normalisation tensor must be present and fit.
         """
         if not isinstance(state_dict, Mapping):
             state_dict = torch.load(Path(state_dict), map_location="cpu", weights_only=True)
@@ -113,6 +115,11 @@ class UFlow(nn.Module):
                 f"state_dict does not fit this UFlow: missing {missing[:5]} ({len(missing)}), "
                 f"unexpected {result.unexpected_keys[:5]} ({len(result.unexpected_keys)}); "
                 "check backbone, input_size and flow_steps"
+            )
+        if result.missing_keys and require_backbone:
+            raise KeyError(
+                f"state_dict lacks {len(result.missing_keys)} backbone tensors "
+                f"(e.g. {result.missing_keys[0]}); a released checkpoint must carry its backbone"
             )
         if result.missing_keys:
             log.info(

@@ -139,7 +139,13 @@ def test_evaluate_takes_a_checkpoint_of_the_authors_release(tmp_path):
     release = tmp_path / "release.ckpt"
     torch.save({"state_dict": state, "hyper_parameters": argparse.Namespace(backbone="resnet18")}, release)
 
-    described = [*data, "backbone=resnet18", "backbone.input_size=64", "flow.flow_steps=2", "model.eval_size=64"]
+    described = [
+        *data,
+        "backbone=resnet18",
+        "backbone.input_size=64",
+        "flow.flow_steps=2",
+        "model.eval_size=64",
+    ]
     cfg = compose_train([*described, "trainer=cpu", f"ckpt_path={release}"], tmp_path / "eval", "eval")
     with pytest.raises(ValueError, match="trust_checkpoint=true"):
         evaluate(cfg)

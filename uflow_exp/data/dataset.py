@@ -13,9 +13,7 @@ from torch.utils.data import Dataset
 
 from uflow_exp.data.io import image_shape, mask_shape, read_image, read_mask
 from uflow_exp.data.records import BadFileError, FileProblems, NpyFrame, Record
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from uflow_exp.models.uflow.feature_extraction import IMAGENET_MEAN, IMAGENET_STD
 
 
 class AnomalyDataset(Dataset):

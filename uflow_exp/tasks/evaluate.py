@@ -12,15 +12,14 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from uflow_exp.models.uflow.lightning_module import UFlowModule
-from uflow_exp.utils import instantiate_dict, print_config, write_metrics
+from uflow_exp.utils import instantiate_dict, print_config, require_checkpoint, write_metrics
 
 log = logging.getLogger(__name__)
 
 
 def read_checkpoint(path: Path, trusted: bool) -> dict:
     """A checkpoint's contents; tensors and plain values only unless ``trusted``."""
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={path}: no such checkpoint file")
+    require_checkpoint(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=not trusted)
     except pickle.UnpicklingError as err:

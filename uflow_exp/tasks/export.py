@@ -17,7 +17,7 @@ from torch import nn
 
 from uflow_exp.models.uflow.lightning_module import UFlowModule
 from uflow_exp.models.uflow.model import UFlow
-from uflow_exp.utils import print_config
+from uflow_exp.utils import print_config, require_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +132,7 @@ def onnx_max_abs_difference(
 def export(cfg: DictConfig) -> dict[str, float]:
     if cfg.format not in FORMATS:
         raise ValueError(f"format={cfg.format}: unknown export format; choose one of {', '.join(FORMATS)}")
-    ckpt = Path(cfg.ckpt_path)
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
+    ckpt = require_checkpoint(cfg.ckpt_path)
     output = Path(cfg.output) if cfg.get("output") else ckpt.with_suffix(f".{cfg.format}")
     print_config(cfg, Path(cfg.paths.output_dir) / "config_resolved.yaml")
 

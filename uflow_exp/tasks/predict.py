@@ -28,7 +28,7 @@ from uflow_exp.data.io import read_image
 from uflow_exp.data.records import IMAGE_SUFFIXES, list_images, natural_key
 from uflow_exp.models.uflow.lightning_module import UFlowModule
 from uflow_exp.thresholds import NFABlockThreshold, NFATreeThreshold
-from uflow_exp.utils import print_config
+from uflow_exp.utils import print_config, require_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -196,9 +196,7 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     """Returns ``{"images": predicted, "failed": unreadable}``; each failure is logged by name."""
     if cfg.raw_map not in RAW_MAPS:
         raise ValueError(f"raw_map must be one of {RAW_MAPS}, got {cfg.raw_map!r}")
-    ckpt = Path(cfg.ckpt_path)
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
+    ckpt = require_checkpoint(cfg.ckpt_path)
     files = find_inputs(str(cfg.input))
     names = output_names(files)
     output = Path(cfg.output)

@@ -9,7 +9,13 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from uflow_exp.utils import find_last_checkpoint, instantiate_dict, print_config, write_metrics
+from uflow_exp.utils import (
+    find_last_checkpoint,
+    instantiate_dict,
+    print_config,
+    require_checkpoint,
+    write_metrics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -19,10 +25,7 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
         return None
     if cfg.ckpt_path == "last":
         return str(find_last_checkpoint(Path(cfg.paths.log_dir), cfg.task_name))
-    path = Path(cfg.ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
-    return str(path)
+    return str(require_checkpoint(cfg.ckpt_path))
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

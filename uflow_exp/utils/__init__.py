@@ -1,7 +1,13 @@
 """Helpers shared by the tasks: resolvers, instantiation, config printing, run bookkeeping."""
 
 from uflow_exp.utils.config import CONFIG_DIR, print_config, quiet_expected_warnings, register_resolvers
-from uflow_exp.utils.runs import find_last_checkpoint, instantiate_dict, run_task, write_metrics
+from uflow_exp.utils.runs import (
+    find_last_checkpoint,
+    instantiate_dict,
+    require_checkpoint,
+    run_task,
+    write_metrics,
+)
 
 __all__ = [
     "CONFIG_DIR",
@@ -10,6 +16,7 @@ __all__ = [
     "print_config",
     "quiet_expected_warnings",
     "register_resolvers",
+    "require_checkpoint",
     "run_task",
     "write_metrics",
 ]

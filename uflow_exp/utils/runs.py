@@ -23,6 +23,14 @@ def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
     return [hydra.utils.instantiate(entry) for entry in cfg.values() if entry and "_target_" in entry]
 
 
+def require_checkpoint(path: str | Path) -> Path:
+    """``path`` as a Path, or a FileNotFoundError that names it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={path}: no such checkpoint file")
+    return path
+
+
 def find_last_checkpoint(log_dir: Path, task_name: str) -> Path:
     """The newest ``last.ckpt`` of any run of ``task_name`` (for ``ckpt_path=last``)."""
     candidates = sorted(

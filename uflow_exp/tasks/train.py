@@ -7,7 +7,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from uflow_exp.utils import (
     find_last_checkpoint,
@@ -45,7 +45,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = instantiate_dict(cfg.get("callbacks"))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in trainer.loggers:
-        logger.log_hyperparams(_flat_config(cfg))
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     metrics: dict = {}
     if cfg.get("train"):
@@ -63,9 +63,3 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics = write_metrics(metrics, output_dir / "metrics.json")
         log.info("Metrics: %s", metrics)
     return {k: float(v) for k, v in metrics.items()}
-
-
-def _flat_config(cfg: DictConfig) -> dict:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)

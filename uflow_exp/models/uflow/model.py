@@ -69,9 +69,12 @@ class UFlow(nn.Module):
     def normalize(self, raw_features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return self.feature_extractor.normalize(raw_features)
 
-    def encode(self, features: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Latents (finest scale first) and the log-Jacobian determinant per sample."""
-        z, log_jac_det = self.flow(list(features), rev=False)
+    def encode(
+        self, features: Sequence[torch.Tensor], jac: bool = True
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Latents (finest scale first) and the log-Jacobian determinant per sample (zeros when
+        ``jac`` is False: anomaly maps and the NFA need only the latents)."""
+        z, log_jac_det = self.flow(list(features), rev=False, jac=jac)
         return list(z), log_jac_det
 
     def anomaly_map(self, z: Sequence[torch.Tensor], size: int | None = None) -> torch.Tensor:

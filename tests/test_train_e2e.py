@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -90,23 +91,28 @@ def test_nan_loss_stops_with_a_message(tmp_path):
 
 def test_feature_cache_gives_the_same_losses(tmp_path):
     root = fake_layouts.make_mvtec(tmp_path / "data", n_train=8, size=64)
-    results = []
-    for cache in ("true", "false"):
+    results = {}
+    for cache in ("false", "true", "disk"):  # true: in memory for data this small
         cfg = compose_train(
             [
                 *TINY,
                 "dataset=mvtec",
                 f"dataset.root={root}",
                 f"feature_cache={cache}",
+                f"model.feature_cache_dir={tmp_path / f'features_{cache}'}",
                 "trainer.max_epochs=3",
                 "test=false",
             ],
             tmp_path / f"run_{cache}",
         )
-        results.append(train(cfg))
-    cached, uncached = results
-    for key in ("train/loss", "val/loss"):
-        assert cached[key] == pytest.approx(uncached[key], rel=1e-5)
+        results[cache] = train(cfg)
+    for cache in ("true", "disk"):
+        for key in ("train/loss", "val/loss"):
+            assert results[cache][key] == pytest.approx(results["false"][key], rel=1e-5), (cache, key)
+    assert not (tmp_path / "features_true").exists()
+    (folder,) = (tmp_path / "features_disk").iterdir()
+    assert folder.name.startswith("mvtec-bottle-resnet18-64-")
+    assert np.load(folder / "filled.npy").all()  # 6 train + 2 val images, each computed and flagged
 
 
 def test_evaluate_reproduces_the_test_metrics_of_training(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import hydra
@@ -11,10 +12,12 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from uflow_exp.metrics import AnomalyMetrics
-from uflow_exp.models.uflow.feature_cache import FeatureCache
+from uflow_exp.models.uflow.feature_cache import CacheSpec, FeatureCache, open_feature_cache, parse_mode
 from uflow_exp.models.uflow.loss import nll_loss
 from uflow_exp.models.uflow.model import UFlow
 from uflow_exp.thresholds import Threshold
+
+log = logging.getLogger(__name__)
 
 
 def _plain(value: Any) -> Any:
@@ -35,7 +38,10 @@ class UFlowModule(L.LightningModule):
         eval_size: side of the maps that metrics and thresholds see (the reference uses 256).
         metric_bins: score bins of the pixel metrics (memory stays bounded; see uflow_exp.metrics).
         feature_cache: compute the frozen backbone's features of training and validation images
-            once and reuse them every epoch (see ``FeatureCache``).
+            once and reuse them every epoch: true (in memory when they fit in a quarter of the
+            available memory, else on disk), false, ``memory`` or ``disk`` (see ``feature_cache.py``).
+        feature_cache_dir: the folder of the disk caches (one subfolder per data set, backbone,
+            weights and image set), shared by runs.
     """
 
     def __init__(
@@ -47,9 +53,11 @@ class UFlowModule(L.LightningModule):
         scheduler: dict | None = None,
         eval_size: int | None = None,
         metric_bins: int = 10_000,
-        feature_cache: bool = True,
+        feature_cache: bool | str = True,
+        feature_cache_dir: str | None = None,
     ) -> None:
         super().__init__()
+        self._feature_cache_mode = parse_mode(feature_cache)  # refused before the backbone is built
         self.save_hyperparameters(
             {
                 "backbone": _plain(backbone),
@@ -60,6 +68,7 @@ class UFlowModule(L.LightningModule):
                 "eval_size": eval_size,
                 "metric_bins": metric_bins,
                 "feature_cache": feature_cache,
+                "feature_cache_dir": feature_cache_dir,
             }
         )
         hp = self.hparams
@@ -75,7 +84,8 @@ class UFlowModule(L.LightningModule):
         self.val_metrics = AnomalyMetrics(n_bins=metric_bins)
         self.test_metrics = AnomalyMetrics(n_bins=metric_bins)
         self._val_anomalous = 0
-        self.feature_cache = FeatureCache() if feature_cache else None
+        # a plain attribute (not a module or buffer): the cache never goes into a checkpoint
+        self.feature_cache: FeatureCache | None = None
 
     @classmethod
     def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu") -> UFlowModule:
@@ -83,6 +93,32 @@ class UFlowModule(L.LightningModule):
         hparams = torch.load(path, map_location="cpu", weights_only=True)["hyper_parameters"]
         backbone = {**hparams["backbone"], "pretrained": False, "weights": None}
         return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True, backbone=backbone)
+
+    def on_fit_start(self) -> None:
+        """Open the feature cache: the model is on its device and the datamodule set up by now."""
+        if self._feature_cache_mode == "off":
+            return
+        extractor = self.model.feature_extractor
+        datamodule = self.trainer.datamodule
+        datasets = [getattr(datamodule, "train_dataset", None), getattr(datamodule, "val_dataset", None)]
+        if not all(hasattr(dataset, "records") for dataset in datasets):
+            log.info(
+                "Feature cache in memory: no datamodule lists the training and validation images, "
+                "which a disk cache is sized and keyed by"
+            )
+            self.feature_cache = FeatureCache(backbone=extractor.backbone_modules())
+            return
+        spec = CacheSpec(
+            dataset=datamodule.name,
+            category=datamodule.category,
+            backbone=self.hparams.backbone["name"],
+            input_size=self.hparams.backbone["input_size"],
+            image_size=datamodule.image_size,
+        )
+        paths = [str(record.image) for dataset in datasets for record in dataset.records]
+        self.feature_cache = open_feature_cache(
+            extractor, self._feature_cache_mode, paths, spec, self.hparams.feature_cache_dir
+        )
 
     # -- steps -------------------------------------------------------------------------------------
     def _latents(self, batch: dict, cached: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -35,7 +35,7 @@ class AnomalyMapNet(nn.Module):
         self.eval_size = eval_size
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        z, _ = self.model.encode(self.model.normalize(self.model.extract(images)))
+        z, _ = self.model.encode(self.model.normalize(self.model.extract(images)), jac=False)
         return self.model.anomaly_map(z, self.eval_size)
 
 

@@ -121,12 +121,14 @@ class UFlowModule(L.LightningModule):
         )
 
     # -- steps -------------------------------------------------------------------------------------
-    def _latents(self, batch: dict, cached: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def _latents(
+        self, batch: dict, cached: bool = False, jac: bool = True
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
         if cached and self.feature_cache is not None:
             raw = self.feature_cache.features(batch["path"], batch["image"], self.model.extract)
         else:
             raw = self.model.extract(batch["image"])
-        return self.model.encode(self.model.normalize(raw))
+        return self.model.encode(self.model.normalize(raw), jac=jac)
 
     def _eval_masks(self, batch: dict) -> torch.Tensor:
         mask = batch["mask"].float()
@@ -182,7 +184,7 @@ class UFlowModule(L.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int = 0) -> dict[str, torch.Tensor]:
         """Anomaly map, segmentation and the map it thresholds, at ``eval_size``."""
-        z, _ = self._latents(batch)
+        z, _ = self._latents(batch, jac=False)  # maps and thresholds need only the latents
         amap = self.model.anomaly_map(z, self.eval_size)
         segmentation, significance = self.threshold.segment(z, amap)
         return {"anomaly_map": amap, "segmentation": segmentation, "significance": significance}

@@ -160,9 +160,11 @@ def scaling_point(model, size: int, n: int, device: torch.device) -> dict:
     cache = FeatureCache()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     train_epoch(model, cache, x, 4, optimizer)
-    epoch = min(seconds(lambda: train_epoch(model, cache, x, 4, optimizer), device) for _ in range(2))
+    epoch = min(seconds(lambda: train_epoch(model, cache, x, 4, optimizer), device) for _ in range(3))
     segment(model, extract(model, x[:4], 4), nfa=False)
-    inference = seconds(lambda: segment(model, extract(model, x, 4), nfa=False), device)
+    inference = min(
+        seconds(lambda: segment(model, extract(model, x, 4), nfa=False), device) for _ in range(3)
+    )
     return {"size": size, "images": n, "epoch_s_per_image": epoch / n, "infer_s_per_image": inference / n}
 
 

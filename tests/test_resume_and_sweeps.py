@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 from omegaconf import open_dict
 
@@ -111,11 +112,24 @@ def test_optuna_search_runs_two_trials(tmp_path):
 def test_ddp_on_two_cpu_processes(tmp_path):
     root = fake_layouts.make_mvtec(tmp_path / "mvtec", n_train=8, size=64)
     cli = [o for o in CLI_TINY if not o.startswith("trainer=")]
+    features = tmp_path / "features"
     run_cli(
-        [*cli, "trainer=ddp_cpu", "trainer.max_epochs=1", "dataset=mvtec", f"dataset.root={root}"], tmp_path
+        [
+            *cli,
+            "trainer=ddp_cpu",
+            "trainer.max_epochs=1",
+            "dataset=mvtec",
+            f"dataset.root={root}",
+            # both processes open one disk cache and fill the rows of the images they see
+            "feature_cache=disk",
+            f"model.feature_cache_dir={features}",
+        ],
+        tmp_path,
     )
     metrics = json.loads(next((tmp_path / "logs" / "train" / "runs").glob("*/metrics.json")).read_text())
     assert 0.0 <= metrics["test/pixel_auroc"] <= 1.0
+    (folder,) = features.iterdir()  # one folder, no leftover temporary one
+    assert np.load(folder / "filled.npy").all()
 
 
 def read_wandb_records(path: Path):

@@ -55,10 +55,11 @@ def _coupling_eager(
     """The forward block after its subnet: ``gather((x1 | x2 * exp(s) + t) * scale + offset)`` with
     ``s = clamp * tanh(a_s / 10)``, ``t = a_t / 10`` and per-channel ``scale``, ``offset`` of shape (C,),
     and the coupling's log-det ``sum s`` (or None)."""
-    a = a * 0.1
     c1, c2 = x1.shape[1], x2.shape[1]
-    sub_jac = clamp * torch.tanh(a[:, :c2])
-    x2 = torch.addcmul(a[:, c2:], x2, torch.exp(sub_jac))
+    # split rather than slice: the backward of two slices zero-fills two full-size gradients
+    a_s, a_t = torch.split(a * 0.1, c2, dim=1)
+    sub_jac = clamp * torch.tanh(a_s)
+    x2 = torch.addcmul(a_t, x2, torch.exp(sub_jac))
     per_channel = (1, -1) + (1,) * (a.dim() - 2)
     scale, offset = scale.view(per_channel), offset.view(per_channel)
     y = torch.cat(

@@ -9,8 +9,9 @@ and Adam; "map" is inference of the anomaly map only (no log-det, no gradient, i
 Variants:
 - reference: FrEIA's ``AllInOneBlock`` graph (the authors' model);
 - fast: ``FastAllInOneBlock`` (exact channel gather instead of a C x C permutation convolution);
-- fast+compile: the same with its element-wise coupling through ``torch.compile``; its first step
-  compiles (cached on disk for later runs), which "1st step s" shows;
+- fast+compile: the same with its element-wise coupling through ``torch.compile``
+  (``compile_coupling=True``, config ``flow.compile_coupling=true``); its first step compiles (cached
+  on disk for later runs), which "1st step s" shows;
 - convolutions only: nothing but every coupling subnet (conv, ReLU, conv) on the inputs it sees in
   the flow, forward and, for "train", backward to the same inputs and weights plus Adam on them. Any
   implementation that keeps the convolutions' arithmetic in fp32 needs at least this time, so
@@ -29,7 +30,6 @@ import torch
 from timing import interleaved_medians
 
 from uflow_exp.models.uflow import anomaly_map, build_uflow_graph, nll_loss
-from uflow_exp.models.uflow.blocks import compile_coupling
 
 INPUT = 256
 # backbone: channels and sides of its three feature maps at input 256 (strides 4, 8, 16)
@@ -45,12 +45,11 @@ def relative_error(ours, reference):
     return max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(ours, reference, strict=True))
 
 
-def flow_step(flow, variant, features, mode):
+def flow_step(flow, features, mode):
     if mode == "train":
         optimizer = torch.optim.Adam(flow.parameters(), lr=1e-4)
 
     def step():
-        compile_coupling(variant == "fast+compile")
         if mode == "train":
             loss = nll_loss(*flow(features))
             optimizer.zero_grad()
@@ -99,17 +98,14 @@ def run_case(backbone, batch, mode, repeats, device):
     features = [torch.randn(batch, c, s, s, device=device) for c, s in zip(channels, sizes, strict=True)]
     flows = {"reference": build_uflow_graph(channels, sizes, fast=False).to(device)}
     for variant in FLOW_VARIANTS[1:]:
-        flows[variant] = build_uflow_graph(channels, sizes, fast=True).to(device)
+        compiled = variant == "fast+compile"
+        flows[variant] = build_uflow_graph(channels, sizes, fast=True, compile_coupling=compiled).to(device)
         flows[variant].load_state_dict(flows["reference"].state_dict())
-    outputs = {}
     with torch.no_grad():
-        for variant, flow in flows.items():
-            compile_coupling(variant == "fast+compile")
-            outputs[variant] = flow(features)
-    steps = {variant: flow_step(flow, variant, features, mode) for variant, flow in flows.items()}
+        outputs = {variant: flow(features) for variant, flow in flows.items()}
+    steps = {variant: flow_step(flow, features, mode) for variant, flow in flows.items()}
     steps[BOUND] = convolutions_step(flows["fast"], features, mode)
     medians, first = interleaved_medians(steps, repeats, torch.device(device))
-    compile_coupling(False)
     reference_rate = batch / medians["reference"]
     rows = []
     for variant in steps:

@@ -34,22 +34,17 @@ def features(batch: int = 2, seed: int = 1) -> list[torch.Tensor]:
     return [torch.randn(batch, c, s, s, generator=g) for c, s in zip(CHANNELS, SIZES, strict=True)]
 
 
-@pytest.fixture
-def flows():
-    """The reference graph and a fast graph holding the same weights (including its permutations)."""
+@pytest.fixture(params=["eager", pytest.param("compiled", marks=pytest.mark.slow)])
+def flows(request):
+    """The reference graph and a fast graph holding the same weights (including its permutations),
+    its coupling run eagerly or compiled (compiling costs tens of seconds on CPU, hence slow)."""
     torch.manual_seed(0)
     reference = perturbed_(build_uflow_graph(CHANNELS, SIZES, flow_steps=4, fast=False))
-    fast = build_uflow_graph(CHANNELS, SIZES, flow_steps=4, fast=True)
+    fast = build_uflow_graph(
+        CHANNELS, SIZES, flow_steps=4, fast=True, compile_coupling=request.param == "compiled"
+    )
     fast.load_state_dict(reference.state_dict())
     return reference, fast
-
-
-@pytest.fixture(params=["eager", pytest.param("compiled", marks=pytest.mark.slow)])
-def coupling_backend(request):
-    """Both ways of running the coupling; compiling costs tens of seconds on CPU, hence slow."""
-    blocks.compile_coupling(request.param == "compiled")
-    yield request.param
-    blocks.compile_coupling(False)
 
 
 def test_same_state_dict_layout():
@@ -64,7 +59,7 @@ def test_same_state_dict_layout():
     assert not any(isinstance(m, FastAllInOneBlock) for m in reference.module_list)
 
 
-def test_forward_and_inverse_match_reference(flows, coupling_backend):
+def test_forward_and_inverse_match_reference(flows):
     reference, fast = flows
     x = features()
     with torch.no_grad():
@@ -88,7 +83,7 @@ def test_forward_and_inverse_match_reference(flows, coupling_backend):
             assert torch.equal(ours, theirs)
 
 
-def test_training_matches_reference(flows, coupling_backend):
+def test_training_matches_reference(flows):
     reference, fast = flows
     x = features(batch=3)
     losses, grads = {}, {}
@@ -183,16 +178,22 @@ def test_failed_compile_falls_back_to_eager(monkeypatch, caplog):
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     monkeypatch.setattr(blocks, "_coupling_compiled", None)
+    monkeypatch.setattr(blocks, "_compile_failed", False)
     reference, fast = single_blocks(permute_soft=False)
-    blocks.compile_coupling(True)
-    try:
-        with caplog.at_level(logging.WARNING, logger=blocks.__name__):
-            (y,), _ = fast((torch.ones(1, 12, 6, 6),))
-    finally:
-        blocks.compile_coupling(False)
-    assert "eager" in caplog.text and "no C++ compiler" in caplog.text
+    fast.compile_coupling = True
+    with caplog.at_level(logging.WARNING, logger=blocks.__name__):
+        (y,), _ = fast((torch.ones(1, 12, 6, 6),))
+        (y_again,), _ = fast((torch.ones(1, 12, 6, 6),))
+    assert caplog.text.count("eager") == 1 and "no C++ compiler" in caplog.text  # warned once
     (y_ref,), _ = reference((torch.ones(1, 12, 6, 6),))
-    assert rel_err(y, y_ref) < 1e-6
+    assert rel_err(y, y_ref) < 1e-6 and torch.equal(y, y_again)
+
+
+def test_compile_coupling_needs_the_fast_blocks():
+    with pytest.raises(ValueError, match="fast"):
+        build_uflow_graph(CHANNELS, SIZES, fast=False, compile_coupling=True)
+    flow = build_uflow_graph(CHANNELS, SIZES, compile_coupling=True)
+    assert all(m.compile_coupling for m in flow.module_list if isinstance(m, FastAllInOneBlock))
 
 
 def test_block_pickles():

@@ -4,22 +4,19 @@ FrEIA applies the block's hard channel permutation as a C x C 1x1 convolution (O
 forward and again in the backward pass); here it is an exact channel gather (O(C)), derived from the
 block's own ``w_perm``, so the authors' checkpoints, each with its own random permutations, load
 unchanged. The element-wise work around the coupling (soft-clamped affine, global affine, permutation)
-is about ten memory-bound passes in eager mode; ``compile_coupling`` fuses it into a few kernels with
-``torch.compile``.
+is about ten memory-bound passes in eager mode; ``compile_coupling=True`` fuses it into a few kernels
+with ``torch.compile``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 import FrEIA.modules as fm
 import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
-
-COMPILE_ENV = "UFLOW_COMPILE_FLOW"
 
 
 class _ChannelGather(torch.autograd.Function):
@@ -70,32 +67,26 @@ def _coupling_eager(
     return _ChannelGather.apply(y, index, inverse), log_jac_det
 
 
-_compile_enabled = os.environ.get(COMPILE_ENV, "0") == "1"
-_coupling_compiled = None
+_coupling_compiled = None  # one compiled function (dynamic shapes) serves every block and stage
+_compile_failed = False
 
 
-def compile_coupling(enabled: bool = True) -> None:
-    """Run the coupling's element-wise work through ``torch.compile`` (off by default, or set the
-    environment variable ``UFLOW_COMPILE_FLOW=1``).
+def _coupling(compiled: bool, *args):
+    """The coupling, through ``torch.compile`` when ``compiled``.
 
-    Worth it for training and long inference runs: each new input shape costs a compile (seconds on
-    CPU, which needs a C++ compiler; GPUs need triton), cached on disk across processes. If compiling
-    fails, the eager path takes over with a warning.
+    Each new input shape costs a compile (seconds on CPU, which needs a C++ compiler; GPUs need
+    triton), cached on disk across processes. If compiling fails, the eager path takes over with a
+    warning, for the rest of the process.
     """
-    global _compile_enabled
-    _compile_enabled = enabled
-
-
-def _coupling(*args):
-    global _compile_enabled, _coupling_compiled
-    if _compile_enabled:
+    global _coupling_compiled, _compile_failed
+    if compiled and not _compile_failed:
         if _coupling_compiled is None:
             _coupling_compiled = torch.compile(_coupling_eager, dynamic=True)
         try:
             return _coupling_compiled(*args)
         except Exception as error:  # any toolchain failure; a genuine error recurs in eager
             log.warning("torch.compile of the flow coupling failed, continuing in eager mode: %s", error)
-            _compile_enabled = False
+            _compile_failed = True
     return _coupling_eager(*args)
 
 
@@ -114,10 +105,12 @@ class FastAllInOneBlock(fm.AllInOneBlock):
 
     Configurations the fast path does not cover (soft permutations, i.e. any ``w_perm`` that is not a
     permutation matrix, GIN, Householder, reverse permutation, conditions) run FrEIA's code.
+    ``compile_coupling`` runs the forward coupling's element-wise work through ``torch.compile``.
     """
 
-    def __init__(self, dims_in, dims_c=None, **kwargs):
+    def __init__(self, dims_in, dims_c=None, compile_coupling: bool = False, **kwargs):
         super().__init__(dims_in, [] if dims_c is None else dims_c, **kwargs)
+        self.compile_coupling = compile_coupling
         if kwargs.get("global_affine_type", "SOFTPLUS") == "SOFTPLUS":
             # FrEIA's activation is a lambda, which cannot be pickled; the same function as a method can.
             self.global_scale_activation = self._softplus_scale
@@ -164,7 +157,8 @@ class FastAllInOneBlock(fm.AllInOneBlock):
             # Flat per-channel affine: torch.compile keeps parameters' shapes static, which would compile
             # each stage's channel count separately.
             out, log_jac_det = _coupling(
-                x1, x2, a, scale.flatten(), self.global_offset.flatten(), index, inverse, self.clamp, jac
+                self.compile_coupling,
+                *(x1, x2, a, scale.flatten(), self.global_offset.flatten(), index, inverse, self.clamp, jac),
             )
         if log_jac_det is not None:
             log_jac_det = log_jac_det + (-1) ** rev * out[0, :1].numel() * torch.sum(torch.log(scale))

@@ -31,17 +31,13 @@ def subnet_factory(kernel_size: int, channels_ratio: float):
     return build
 
 
-def _flow_stage(node, steps: int, affine_clamp: float, channels_ratio: float, permute_soft: bool, fast: bool):
+def _flow_stage(node, steps: int, block_args: dict, channels_ratio: float, fast: bool):
     stage = []
     for step in range(steps):
         node = ff.Node(
             node,
             FastAllInOneBlock if fast else fm.AllInOneBlock,
-            {
-                "subnet_constructor": subnet_factory(3 if step % 2 == 0 else 1, channels_ratio),
-                "affine_clamping": affine_clamp,
-                "permute_soft": permute_soft,
-            },
+            {"subnet_constructor": subnet_factory(3 if step % 2 == 0 else 1, channels_ratio), **block_args},
             name=f"flow{node.output_dims[0][-1]}_step{step}",
         )
         stage.append(node)
@@ -56,21 +52,28 @@ def build_uflow_graph(
     subnet_channels_ratio: float = 1.0,
     permute_soft: bool = False,
     fast: bool = True,
+    compile_coupling: bool = False,
 ) -> ff.GraphINN:
     """The U-flow over per-scale inputs ``(channels[i], sizes[i], sizes[i])``, finest first.
 
     The graph returns one latent per scale, finest first. ``fast`` builds it from ``FastAllInOneBlock``
-    (same parameters and results, faster); ``fast=False`` from FrEIA's own blocks, the reference.
+    (same parameters and results, faster), whose coupling ``compile_coupling`` runs through
+    ``torch.compile``; ``fast=False`` from FrEIA's own blocks, the reference.
     """
     if flow_steps < 1:
         raise ValueError(f"flow_steps must be >= 1, got {flow_steps}")
+    if compile_coupling and not fast:
+        raise ValueError("compile_coupling needs the fast blocks (fast=True); FrEIA's blocks run eagerly")
+    block_args = {"affine_clamping": affine_clamp, "permute_soft": permute_soft}
+    if fast:
+        block_args["compile_coupling"] = compile_coupling
     inputs = [
         ff.InputNode(c, s, s, name=f"input_{i}") for i, (c, s) in enumerate(zip(channels, sizes, strict=True))
     ]
     nodes, outputs = [], []
     current = inputs[-1]
     for scale in range(len(inputs) - 1, 0, -1):
-        stage = _flow_stage(current, flow_steps, affine_clamp, subnet_channels_ratio, permute_soft, fast)
+        stage = _flow_stage(current, flow_steps, block_args, subnet_channels_ratio, fast)
         volume = stage[-1].output_dims[0][0]
         kept = volume // 8 * 4
         split = ff.Node(
@@ -80,7 +83,7 @@ def build_uflow_graph(
         current = ff.Node([inputs[scale - 1].out0, up.out0], fm.Concat, {"dim": 0}, name=f"cat_{scale}")
         outputs.append(ff.OutputNode(split.out1, name=f"z_{scale}"))
         nodes += [*stage, split, up, current]
-    stage = _flow_stage(current, flow_steps, affine_clamp, subnet_channels_ratio, permute_soft, fast)
+    stage = _flow_stage(current, flow_steps, block_args, subnet_channels_ratio, fast)
     outputs.append(ff.OutputNode(stage[-1], name="z_0"))
     nodes += stage
     return ff.GraphINN(inputs + nodes + outputs[::-1], force_tuple_output=True)

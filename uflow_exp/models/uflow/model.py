@@ -35,6 +35,8 @@ class UFlow(nn.Module):
         weights: a local weights file (two files for mcait) instead of ``pretrained``.
         fast_flow: build the flow from ``FastAllInOneBlock`` (same parameters and results, faster); False
             builds FrEIA's reference blocks.
+        compile_coupling: run the fast blocks' element-wise coupling through ``torch.compile`` (a
+            one-off compile of tens of seconds; worth it for long runs of the larger flows).
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class UFlow(nn.Module):
         pretrained: bool = True,
         weights: str | Path | Sequence[str | Path] | None = None,
         fast_flow: bool = True,
+        compile_coupling: bool = False,
     ):
         super().__init__()
         self.input_size = input_size
@@ -60,6 +63,7 @@ class UFlow(nn.Module):
             subnet_channels_ratio=subnet_channels_ratio,
             permute_soft=permute_soft,
             fast=fast_flow,
+            compile_coupling=compile_coupling,
         )
 
     def extract(self, images: torch.Tensor) -> list[torch.Tensor]:

@@ -17,8 +17,9 @@ arithmetic unchanged):
   the peak allocated device memory;
 - with ``--bf16``: inference under bfloat16 autocast, and the largest difference of its anomaly maps
   from fp32's (relative to the fp32 maps' range).
-The scaling table times resnet18's cached epoch and inference per image for several image counts and
-input sizes (one process). One intra-op thread by default (see bench_flow.py for why).
+The scaling tables time resnet18's cached epoch and inference per image for several image counts and
+input sizes, and its epochs with the feature cache in memory and on disk (one process). One intra-op
+thread by default (see bench_flow.py for why).
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 from timing import interleaved_medians, seconds
 
 from uflow_exp.models.uflow import UFlow, build_uflow_graph, nll_loss
-from uflow_exp.models.uflow.feature_cache import FeatureCache
+from uflow_exp.models.uflow.feature_cache import DiskStore, FeatureCache, MemoryStore
 from uflow_exp.nfa import tree_nfa
 
 CASES = ["efficientnet_lite0@256", "resnet18@256", "wide_resnet50_2@256", "mcait@448"]
@@ -171,13 +174,34 @@ def scaling_point(model, size: int, n: int, device: torch.device) -> dict:
     return {"size": size, "images": n, "epoch_s_per_image": epoch / n, "infer_s_per_image": inference / n}
 
 
-def run_scaling(device: torch.device) -> list[dict]:
-    """resnet18's seconds per image against image count (at 256) and input size (4 images)."""
-    rows = []
+def store_point(model, store: str, n: int, device: torch.device) -> dict:
+    """First and cached epochs of ``n`` images at 256 with the features in memory or memory-mapped in
+    a temporary folder (``DiskStore``, flushed after every batch of the first epoch)."""
+    x = images(n, 256, device)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    train_epoch(model, FeatureCache(), x[:4], 4, optimizer)  # warm-up
+    with tempfile.TemporaryDirectory() as root:
+        if store == "disk":
+            shapes = [tuple(scale.shape[1:]) for scale in extract(model, x[:1], 1)[0]]
+            paths = [os.path.abspath(str(i)) for i in range(n)]  # train_epoch's keys, as the index holds them
+            cache = FeatureCache(DiskStore.open(Path(root), "bench", "0" * 64, paths, shapes))
+        else:
+            cache = FeatureCache(MemoryStore())
+        first = seconds(lambda: train_epoch(model, cache, x, 4, optimizer), device)
+        cached = min(seconds(lambda: train_epoch(model, cache, x, 4, optimizer), device) for _ in range(3))
+    return {"store": store, "images": n, "first": n / first, "cached": n / cached}
+
+
+def run_scaling(device: torch.device) -> dict:
+    """resnet18's seconds per image against image count (at 256) and input size (4 images), and its
+    epochs with the feature cache in memory and on disk."""
+    points = []
     for size, counts in [(256, SCALING_IMAGES)] + [(s, (4,)) for s in SCALING_SIZES if s != 256]:
         model = build("resnet18", size, device)
-        rows += [scaling_point(model, size, n, device) for n in counts]
-    return rows
+        points += [scaling_point(model, size, n, device) for n in counts]
+    model = build("resnet18", 256, device)
+    stores = [store_point(model, store, SCALING_IMAGES[-1], device) for store in ("memory", "disk")]
+    return {"points": points, "stores": stores}
 
 
 def child(args) -> None:
@@ -215,7 +239,7 @@ def print_table(header: list[str], rows: list[list]) -> None:
         print(markdown(row))
 
 
-def print_tables(results: list[dict], scaling: list[dict] | None, device: str) -> None:
+def print_tables(results: list[dict], scaling: dict | None, device: str) -> None:
     header = ["case", "images (batch)", "train 1st epoch img/s", "train cached img/s", "cached / 1st"]
     header += [
         "flow step img/s: reference",
@@ -264,6 +288,13 @@ def print_tables(results: list[dict], scaling: list[dict] | None, device: str) -
         ]
         print_table(header, rows)
     if scaling:
+        print("\nresnet18@256, the feature cache in memory and memory-mapped on disk:\n")
+        header = ["store", "images", "train 1st epoch img/s", "train cached img/s"]
+        rows = [
+            [r["store"], r["images"], f"{r['first']:.2f}", f"{r['cached']:.2f}"] for r in scaling["stores"]
+        ]
+        print_table(header, rows)
+        scaling = scaling["points"]
         base = next(r for r in scaling if r["size"] == 256 and r["images"] == SCALING_IMAGES[0])
         print("\nresnet18, seconds per image (relative to 256 px with the fewest images):\n")
         header = ["input", "images", "cached epoch s/image", "relative", "inference s/image", "relative"]

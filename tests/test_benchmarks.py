@@ -40,6 +40,7 @@ def test_pipeline_benchmark_prints_every_column():
     assert all(float(cell.rstrip("x")) > 0 for cell in row[2:])
     (bf16,) = table_rows(bf16_table, "resnet18@64")
     assert 0 < float(bf16[-1]) < 0.1  # bf16 maps differ from fp32's, by a little
+    assert [row[0] for row in table_rows(out, "") if row[0] in ("memory", "disk")] == ["memory", "disk"]
     sizes = [row[0] for row in table_rows(out, "") if row[0].isdigit()]
     assert sizes == ["256", "256", "256", "128", "384"]
 

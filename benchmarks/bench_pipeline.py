@@ -72,6 +72,19 @@ def train_epoch(model, cache, x, batch, optimizer) -> None:
         optimizer.step()
 
 
+def epoch_seconds(model, cache, x, batch, device) -> tuple[float, float]:
+    """Seconds of the first epoch, which fills ``cache``, and of the best of 3 cached epochs after it.
+
+    A warm-up step on a throwaway cache comes first (first calls set up oneDNN primitives), so that the
+    first epoch measures the steady cost of backbone + flow step rather than start-up.
+    """
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    train_epoch(model, FeatureCache(), x[:batch], batch, optimizer)
+    first = seconds(lambda: train_epoch(model, cache, x, batch, optimizer), device)
+    cached = min(seconds(lambda: train_epoch(model, cache, x, batch, optimizer), device) for _ in range(3))
+    return first, cached
+
+
 def extract(model, x, batch, bf16: bool = False) -> list[list[torch.Tensor]]:
     """Raw backbone features of ``x``, batch by batch (inference mode)."""
     with torch.inference_mode(), torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
@@ -100,13 +113,7 @@ def run_case(case: str, n: int, batch: int, device: torch.device, repeats: int, 
     x = images(n, size, device)
     result = {"case": case, "images": n, "batch": batch}
 
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    # warm-up on a throwaway cache (first calls set up oneDNN primitives), so that the first epoch
-    # measures the steady cost of backbone + flow step rather than start-up
-    train_epoch(model, FeatureCache(), x[:batch], batch, optimizer)
-    cache = FeatureCache()
-    first = seconds(lambda: train_epoch(model, cache, x, batch, optimizer), device)
-    cached = min(seconds(lambda: train_epoch(model, cache, x, batch, optimizer), device) for _ in range(3))
+    first, cached = epoch_seconds(model, FeatureCache(), x, batch, device)
     result.update(train_first=n / first, train_cached=n / cached)
 
     # the flow step alone, reference blocks against ours, same features and weights
@@ -163,10 +170,7 @@ def run_case(case: str, n: int, batch: int, device: torch.device, repeats: int, 
 def scaling_point(model, size: int, n: int, device: torch.device) -> dict:
     """Cached-epoch and inference seconds per image of ``n`` images at ``size``."""
     x = images(n, size, device)
-    cache = FeatureCache()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    train_epoch(model, cache, x, 4, optimizer)
-    epoch = min(seconds(lambda: train_epoch(model, cache, x, 4, optimizer), device) for _ in range(3))
+    _, epoch = epoch_seconds(model, FeatureCache(), x, 4, device)
     segment(model, extract(model, x[:4], 4), nfa=False)
     inference = min(
         seconds(lambda: segment(model, extract(model, x, 4), nfa=False), device) for _ in range(3)
@@ -178,8 +182,6 @@ def store_point(model, store: str, n: int, device: torch.device) -> dict:
     """First and cached epochs of ``n`` images at 256 with the features in memory or memory-mapped in
     a temporary folder (``DiskStore``, flushed after every batch of the first epoch)."""
     x = images(n, 256, device)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    train_epoch(model, FeatureCache(), x[:4], 4, optimizer)  # warm-up
     with tempfile.TemporaryDirectory() as root:
         if store == "disk":
             shapes = [tuple(scale.shape[1:]) for scale in extract(model, x[:1], 1)[0]]
@@ -187,8 +189,7 @@ def store_point(model, store: str, n: int, device: torch.device) -> dict:
             cache = FeatureCache(DiskStore.open(Path(root), "bench", "0" * 64, paths, shapes))
         else:
             cache = FeatureCache(MemoryStore())
-        first = seconds(lambda: train_epoch(model, cache, x, 4, optimizer), device)
-        cached = min(seconds(lambda: train_epoch(model, cache, x, 4, optimizer), device) for _ in range(3))
+        first, cached = epoch_seconds(model, cache, x, 4, device)
     return {"store": store, "images": n, "first": n / first, "cached": n / cached}
 
 

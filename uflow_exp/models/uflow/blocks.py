@@ -156,9 +156,9 @@ class FastAllInOneBlock(fm.AllInOneBlock):
         else:
             # Flat per-channel affine: torch.compile keeps parameters' shapes static, which would compile
             # each stage's channel count separately.
+            offset = self.global_offset.flatten()
             out, log_jac_det = _coupling(
-                self.compile_coupling,
-                *(x1, x2, a, scale.flatten(), self.global_offset.flatten(), index, inverse, self.clamp, jac),
+                self.compile_coupling, x1, x2, a, scale.flatten(), offset, index, inverse, self.clamp, jac
             )
         if log_jac_det is not None:
             log_jac_det = log_jac_det + (-1) ** rev * out[0, :1].numel() * torch.sum(torch.log(scale))

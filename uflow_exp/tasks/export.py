@@ -42,14 +42,7 @@ class AnomalyMapNet(nn.Module):
 def reference_flow_copy(module: UFlowModule) -> UFlow:
     """The module's model rebuilt with FrEIA's reference blocks and the same weights (same numbers)."""
     hp = module.hparams
-    model = UFlow(
-        backbone=hp.backbone["name"],
-        input_size=hp.backbone["input_size"],
-        pretrained=False,
-        weights=None,
-        fast_flow=False,
-        **hp.flow,
-    )
+    model = UFlow.from_config(hp.backbone, hp.flow, pretrained=False, weights=None, fast_flow=False)
     model.load_state_dict(module.model.state_dict())
     return model.eval()
 

@@ -99,11 +99,13 @@ class CacheSpec:
     backbone: str
     input_size: int
     image_size: int
+    layers: Sequence[int] | None = None  # the backbone's feature levels (None: its default)
 
     @property
     def label(self) -> str:
         """The readable part of the folder name, e.g. ``mvtec-bottle-resnet18-256``."""
-        parts = (self.dataset, self.category, self.backbone, self.input_size)
+        levels = None if self.layers is None else "L" + "".join(map(str, self.layers))
+        parts = (self.dataset, self.category, self.backbone, levels, self.input_size)
         return "-".join(re.sub(r"[^\w.]+", "_", str(part)) for part in parts if part is not None)
 
 

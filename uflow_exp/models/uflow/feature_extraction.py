@@ -170,12 +170,26 @@ class FeatureExtractor(nn.Module):
         return self.normalize(self.extract(images))
 
 
-class TimmFeatureExtractor(FeatureExtractor):
-    """Any timm ``features_only`` CNN at strides 4/8/16, each scale normalised by a trainable
-    ``LayerNorm([C, H, W])``."""
+# The reference's feature levels of timm CNNs: strides 4 / 8 / 16.
+DEFAULT_LAYERS = (1, 2, 3)
 
-    def __init__(self, backbone: str, input_size: int, pretrained: bool = True, weights=None):
+
+class TimmFeatureExtractor(FeatureExtractor):
+    """Any timm ``features_only`` CNN at the feature levels ``layers`` (``out_indices``; the
+    reference's strides 4/8/16 by default), each scale normalised by a trainable ``LayerNorm([C, H, W])``."""
+
+    def __init__(
+        self,
+        backbone: str,
+        input_size: int,
+        pretrained: bool = True,
+        weights=None,
+        layers: Sequence[int] | None = None,
+    ):
         super().__init__()
+        layers = list(DEFAULT_LAYERS if layers is None else layers)
+        if len(layers) < 2 or layers != sorted(set(layers)):
+            raise ValueError(f"backbone.layers must list 2+ increasing feature levels, got {layers}")
         name = TIMM_ALIASES.get(backbone, backbone)
         self.input_size = input_size
         self.extractor = _freeze(
@@ -185,7 +199,7 @@ class TimmFeatureExtractor(FeatureExtractor):
                 weights,
                 backbone,
                 features_only=True,
-                out_indices=[1, 2, 3],
+                out_indices=layers,
                 output_stride=32,
             )
         )
@@ -261,9 +275,11 @@ class MCaitFeatureExtractor(FeatureExtractor):
 
 
 def build_feature_extractor(
-    backbone: str, input_size: int, pretrained: bool = True, weights=None
+    backbone: str, input_size: int, pretrained: bool = True, weights=None, layers=None
 ) -> FeatureExtractor:
     """The extractor for ``backbone``; refuses unsupported input sizes before building anything."""
+    if backbone == "mcait" and layers is not None:
+        raise ValueError(f"backbone 'mcait' has fixed scales (CaiT blocks 41 and 21); set layers to null, got {layers}")
     required = FIXED_INPUT_SIZE.get(backbone)
     if required is not None and input_size != required:
         raise ValueError(f"backbone '{backbone}' works at input_size {required} only, got {input_size}")
@@ -275,4 +291,4 @@ def build_feature_extractor(
             f"unknown backbone '{backbone}': use mcait, resnet18, wide_resnet50_2, efficientnet_lite0 "
             "or any timm model name that supports features_only"
         )
-    return TimmFeatureExtractor(backbone, input_size, pretrained, weights)
+    return TimmFeatureExtractor(backbone, input_size, pretrained, weights, layers)

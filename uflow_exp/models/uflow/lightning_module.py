@@ -30,8 +30,9 @@ class UFlowModule(L.LightningModule):
     validation set holds anomalies, with the test metrics; tests with the threshold mode.
 
     Args:
-        backbone: ``{name, input_size, pretrained, weights}``.
-        flow: ``{flow_steps, affine_clamp, subnet_channels_ratio, permute_soft}``.
+        backbone: ``{name, input_size, pretrained, weights, layers}``.
+        flow: ``{flow_steps, affine_clamp, subnet_channels_ratio, permute_soft, compile_coupling,
+            feature_noise, train_norm_affine}`` (keyword arguments of ``UFlow``).
         threshold: a ``_target_`` config of a ``uflow_exp.thresholds.Threshold``.
         optimizer: a ``_partial_`` optimizer config (called with the trainable parameters).
         scheduler: a ``_partial_`` epoch-wise scheduler config, or None.
@@ -72,13 +73,7 @@ class UFlowModule(L.LightningModule):
             }
         )
         hp = self.hparams
-        self.model = UFlow(
-            backbone=hp.backbone["name"],
-            input_size=hp.backbone["input_size"],
-            pretrained=hp.backbone.get("pretrained", True),
-            weights=hp.backbone.get("weights"),
-            **hp.flow,
-        )
+        self.model = UFlow.from_config(hp.backbone, hp.flow)
         self.threshold: Threshold = hydra.utils.instantiate(hp.threshold)
         self.eval_size = eval_size or hp.backbone["input_size"]
         self.val_metrics = AnomalyMetrics(n_bins=metric_bins)
@@ -112,6 +107,7 @@ class UFlowModule(L.LightningModule):
             dataset=datamodule.name,
             category=datamodule.category,
             backbone=self.hparams.backbone["name"],
+            layers=self.hparams.backbone.get("layers"),
             input_size=self.hparams.backbone["input_size"],
             image_size=datamodule.image_size,
         )
@@ -168,7 +164,7 @@ class UFlowModule(L.LightningModule):
         mask = self._eval_masks(batch)
         if not self.trainer.sanity_checking:  # the sanity batches would count twice after a resume
             self.threshold.calibration_update(amap, mask)
-        self.val_metrics.update(amap, mask)
+        self.val_metrics.update(amap, mask, labels=batch["label"], has_mask=batch["has_mask"])
         self._val_anomalous += int(batch["label"].sum())
 
     def on_validation_epoch_end(self) -> None:
@@ -192,7 +188,13 @@ class UFlowModule(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         outputs = self.predict_step(batch, batch_idx)
         outputs["mask"] = self._eval_masks(batch)
-        self.test_metrics.update(outputs["anomaly_map"], outputs["mask"], outputs["segmentation"])
+        self.test_metrics.update(
+            outputs["anomaly_map"],
+            outputs["mask"],
+            outputs["segmentation"],
+            labels=batch["label"],
+            has_mask=batch["has_mask"],
+        )
         return outputs
 
     def on_test_epoch_end(self) -> None:

@@ -37,6 +37,12 @@ class UFlow(nn.Module):
             builds FrEIA's reference blocks.
         compile_coupling: run the fast blocks' element-wise coupling through ``torch.compile`` (a
             one-off compile of tens of seconds; worth it for long runs of the larger flows).
+        layers: the backbone's feature levels that feed the flow (timm ``out_indices``, finest first);
+            None takes the reference's ``[1, 2, 3]`` (strides 4/8/16). Not for ``mcait``.
+        feature_noise: standard deviation of Gaussian noise added to the normalised features while
+            training (dequantisation); 0 is the reference. See ``normalize``.
+        train_norm_affine: train the per-scale ``LayerNorm`` affine parameters (the reference) or keep
+            them at identity. They sit outside the flow, so the likelihood never pays for them.
     """
 
     def __init__(
@@ -51,10 +57,18 @@ class UFlow(nn.Module):
         weights: str | Path | Sequence[str | Path] | None = None,
         fast_flow: bool = True,
         compile_coupling: bool = False,
+        layers: Sequence[int] | None = None,
+        feature_noise: float = 0.0,
+        train_norm_affine: bool = True,
     ):
         super().__init__()
+        if feature_noise < 0:
+            raise ValueError(f"feature_noise must be >= 0, got {feature_noise}")
         self.input_size = input_size
-        self.feature_extractor = build_feature_extractor(backbone, input_size, pretrained, weights)
+        self.feature_noise = float(feature_noise)
+        self.feature_extractor = build_feature_extractor(backbone, input_size, pretrained, weights, layers)
+        if not train_norm_affine:  # the backbone is frozen already: this leaves the LayerNorms at identity
+            self.feature_extractor.requires_grad_(False)
         self.flow = build_uflow_graph(
             self.feature_extractor.channels,
             self.feature_extractor.feature_sizes,
@@ -66,12 +80,37 @@ class UFlow(nn.Module):
             compile_coupling=compile_coupling,
         )
 
+    @classmethod
+    def from_config(cls, backbone: Mapping, flow: Mapping, **overrides) -> UFlow:
+        """Build from the ``backbone`` (name, input_size, pretrained, weights, layers) and ``flow``
+        config groups, as a run or a checkpoint's hyper-parameters hold them."""
+        args = {
+            "backbone": backbone["name"],
+            "input_size": backbone["input_size"],
+            "pretrained": backbone.get("pretrained", True),
+            "weights": backbone.get("weights"),
+            "layers": backbone.get("layers"),
+            **flow,
+        }
+        return cls(**(args | overrides))
+
     def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Raw backbone outputs (no gradient; cacheable while the backbone is frozen)."""
         return self.feature_extractor.extract(images)
 
     def normalize(self, raw_features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return self.feature_extractor.normalize(raw_features)
+        """Per-scale normalised features; in training mode plus ``feature_noise`` Gaussian noise.
+
+        Real images have regions whose features barely vary from image to image (black scan background,
+        padding, flat surfaces). Their density under the flow is unbounded, so training drives the
+        loss towards minus infinity there and any test deviation, however small, becomes a huge
+        latent: the map lights up on the background. The noise bounds that density at its own scale
+        (as dequantisation does for flows on discrete data); evaluation sees the features as they are.
+        """
+        features = self.feature_extractor.normalize(raw_features)
+        if self.training and self.feature_noise > 0:
+            features = [f + self.feature_noise * torch.randn_like(f) for f in features]
+        return features
 
     def encode(
         self, features: Sequence[torch.Tensor], jac: bool = True

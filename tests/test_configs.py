@@ -87,22 +87,35 @@ def test_debug_options_compose(option, tmp_path):
     assert cfg.task_name == "debug"
 
 
-@pytest.mark.parametrize("option", [o for o in options("experiment") if o != "quickstart"])
-def test_experiments_compose(option, tmp_path):
+@pytest.mark.parametrize("option", [o for o in options("experiment") if o != "paper"])
+def test_published_experiments_compose_on_the_paper_recipe(option, tmp_path):
     cfg = compose_train([f"experiment={option}"], tmp_path)
     assert cfg.dataset.name == option.split("_")[0].replace("lgg", "lgg_mri")
     assert cfg.backbone.name == "mcait" and cfg.backbone.input_size == 448
+    assert (cfg.flow.feature_noise, cfg.flow.train_norm_affine) == (0.0, True)
+    assert cfg.threshold._target_.endswith("NFATreeThreshold")
 
 
-def test_default_is_the_quickstart_on_embedded_data(tmp_path):
+def test_default_is_the_real_data_recipe_on_embedded_data(tmp_path):
     cfg = compose_train([], tmp_path)
     assert (cfg.dataset.name, cfg.backbone.name, cfg.trainer.max_epochs) == (
         "textures",
         "efficientnet_lite0",
-        10,
+        30,
     )
+    assert (cfg.flow.feature_noise, cfg.flow.train_norm_affine) == (0.3, False)
+    assert cfg.model.optimizer.lr == pytest.approx(2e-3)
     assert cfg.threshold._target_.endswith("NormalQuantileThreshold")
-    assert compose_train(["~experiment"], tmp_path).threshold._target_.endswith("NFATreeThreshold")
+    # the recipe does not depend on the data set: a user's own data gets it too
+    mvtec = compose_train(["dataset=mvtec", "dataset.root=/data"], tmp_path)
+    assert (mvtec.flow, mvtec.model.optimizer, mvtec.backbone) == (cfg.flow, cfg.model.optimizer, cfg.backbone)
+
+
+def test_paper_recipe_on_any_backbone(tmp_path):
+    cfg = compose_train(["experiment=paper", "backbone=resnet18"], tmp_path)
+    assert (cfg.trainer.max_epochs, cfg.model.optimizer.lr, cfg.flow.feature_noise) == (200, 1e-4, 0.0)
+    assert cfg.backbone.layers == [1, 2, 3]
+    assert cfg.threshold._target_.endswith("NFATreeThreshold")
 
 
 def test_mvtec_experiments_carry_the_papers_settings(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from scipy.stats import rankdata
 
 from tests.fake_layouts import (
     DEFECT,
+    defect_pair,
     make_btad,
     make_folder,
     make_lgg,
@@ -245,10 +247,38 @@ def test_folder_masks_beside_images_and_no_mask_dir(tmp_path, caplog):
     root = make_folder(tmp_path / "own", n_normal=6, n_abnormal=2, mask_dir="abnormal")
     dm = ready("folder", root=str(root), mask_dir="abnormal", val_split="test")
     assert [r.image.name for r in dm.test_dataset.records if r.label] == ["img0.png", "img1.png"]
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         bare = ready("folder", root=str(make_folder(tmp_path / "bare", mask_dir=None)), val_split="test")
     assert "no mask_dir" in caplog.text
     assert labels(bare.test_dataset) == [0, 1, 1] and bare.test_dataset[2]["mask"].sum() == 0
+    assert [bool(bare.test_dataset[i]["has_mask"]) for i in range(3)] == [True, False, False]
+
+
+@pytest.mark.parametrize("mask_layout", ["per_defect", "flat"])
+def test_folder_with_one_subfolder_per_defect_type(tmp_path, mask_layout):
+    root = tmp_path / "own"
+    make_folder(root, n_normal=6, n_abnormal=0, mask_dir=None)
+    for k, defect in enumerate(["dent", "scratch"]):
+        for i in range(2):
+            image, mask = defect_pair(4000 + 10 * k + i, 32, 32)
+            save(image, root / "abnormal" / defect / f"{defect}{i}.png")
+            masks = root / "masks" / defect if mask_layout == "per_defect" else root / "masks"
+            save(mask, masks / f"{defect}{i}_mask.png")
+    dm = ready("folder", root=str(root), mask_dir="masks")
+    abnormal = [r for r in dm.test_dataset.records if r.label]
+    assert [r.image.name for r in abnormal] == ["dent0.png", "dent1.png", "scratch0.png", "scratch1.png"]
+    assert [r.mask.name for r in abnormal] == [f"{r.image.stem}_mask.png" for r in abnormal]
+    bare = ready("folder", root=str(root))  # no masks: image-level labels for every defect type
+    assert sum(r.label for r in bare.test_dataset.records) == 4
+    assert all(r.mask is None for r in bare.test_dataset.records)
+
+
+def test_mvtec_without_ground_truth_has_image_labels_only(tmp_path):
+    root = make_mvtec(tmp_path / "mvtec", n_train=4, n_test_good=2, n_test_defect=2)
+    shutil.rmtree(root / "bottle" / "ground_truth")
+    dm = ready("mvtec", root=str(root), category="bottle")
+    assert labels(dm.test_dataset) == [0, 0, 1, 1]
+    assert [bool(dm.test_dataset[i]["has_mask"]) for i in range(4)] == [True, True, False, False]
 
 
 # --- the shared reading path ---------------------------------------------------------------------

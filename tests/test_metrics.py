@@ -22,6 +22,11 @@ from uflow_exp.metrics import (
 EPS = 1e-6
 
 
+def image_labels(gt):
+    """Labels of hand-made test batches: an image is anomalous where its mask has a pixel."""
+    return gt.flatten(1).any(dim=1)
+
+
 def toy_two_regions():
     """One 4x4 image: region A (2 px, top row) and region B (4 px, bottom row), 10 normal pixels.
 
@@ -122,7 +127,7 @@ def test_perfect_maps_score_one():
     _, gt = random_batch(6)
     seg = gt.clone()
     metrics = AnomalyMetrics(n_bins=100)
-    metrics.update(gt.float(), gt, seg)
+    metrics.update(gt.float(), gt, seg, labels=image_labels(gt))
     assert metrics.compute() == pytest.approx(
         {"image_auroc": 1, "pixel_auroc": 1, "pixel_aupro": 1, "best_miou": 1, "miou": 1, "pixel_f1": 1}
     )
@@ -131,7 +136,7 @@ def test_perfect_maps_score_one():
 def test_inverted_maps_score_zero():
     _, gt = random_batch(6)
     metrics = AnomalyMetrics(n_bins=100)
-    metrics.update(1.0 - gt.float(), gt)
+    metrics.update(1.0 - gt.float(), gt, labels=image_labels(gt))
     result = metrics.compute()
     assert result["pixel_auroc"] == 0.0
     assert result["pixel_aupro"] == 0.0
@@ -144,11 +149,11 @@ def test_image_auroc_uses_the_max_score():
     gt[:2, 0, 0, 0] = True
     maps[2:, 0, 5, 5] = 0.9  # normal images with one bright pixel outrank both anomalous images
     metric = ImageAUROC()
-    metric.update(maps, gt)
+    metric.update(maps, image_labels(gt))
     assert metric.compute().item() == 0.0
     maps[0, 0, 3, 3] = 1.0  # now one anomalous image ranks first: wins 2 of the 4 pairs
     metric.reset()
-    metric.update(maps, gt)
+    metric.update(maps, image_labels(gt))
     assert metric.compute().item() == pytest.approx(0.5)
 
 
@@ -160,7 +165,7 @@ def test_segmentation_miou_and_f1_by_hand():
     seg[1, 0, 2, 2] = True  # normal image, one false positive: IoU ~ 0
     # image 2: normal, nothing detected: IoU = 1
     metrics = AnomalyMetrics(n_bins=10, eps=EPS)
-    metrics.update(torch.rand(gt.shape), gt, seg)
+    metrics.update(torch.rand(gt.shape), gt, seg, labels=image_labels(gt))
     result = compute_quietly(metrics)
     assert result["miou"] == pytest.approx(((2 + EPS) / (4 + EPS) + EPS / (1 + EPS) + 1) / 3, abs=1e-9)
     # Pooled: TP = 2, FP = 1, FN = 2 -> 2 * 2 / (2 * 2 + 1 + 2).
@@ -180,7 +185,7 @@ def test_only_normal_images_give_nan_with_warnings():
     maps = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     gt = torch.zeros(maps.shape, dtype=torch.bool)
     metrics = AnomalyMetrics(n_bins=50)
-    metrics.update(maps, gt, torch.zeros_like(gt))
+    metrics.update(maps, gt, torch.zeros_like(gt), labels=image_labels(gt))
     with pytest.warns(UserWarning, match="undefined") as record:
         result = metrics.compute()
     messages = " ".join(str(w.message) for w in record)
@@ -198,7 +203,7 @@ def test_only_normal_images_give_nan_with_warnings():
 def test_all_zero_maps():
     _, gt = random_batch(4)
     metrics = AnomalyMetrics(n_bins=100)
-    metrics.update(torch.zeros(gt.shape), gt)
+    metrics.update(torch.zeros(gt.shape), gt, labels=image_labels(gt))
     with pytest.warns(UserWarning, match="share bins"):
         result = metrics.compute()
     assert result["image_auroc"] == 0.5
@@ -212,15 +217,15 @@ def test_all_zero_maps():
 def test_invalid_inputs_raise():
     scores, gt = toy_two_regions()
     metrics = AnomalyMetrics(n_bins=10)
-    metrics.update(scores, gt)
+    metrics.update(scores, gt, labels=image_labels(gt))
     with pytest.raises(ValueError, match="every batch"):
-        metrics.update(scores, gt, gt)
+        metrics.update(scores, gt, gt, labels=image_labels(gt))
     with pytest.raises(ValueError, match="NaN"):
         PixelAUROC().update(torch.full(gt.shape, float("nan")), gt)
     with pytest.raises(ValueError, match="differ"):
         PixelAUROC().update(scores, gt[..., :2])
     metrics.reset()
-    metrics.update(scores, gt, gt)  # after reset a run may switch to segmentations
+    metrics.update(scores, gt, gt, labels=image_labels(gt))  # after reset a run may switch to segmentations
     assert "miou" in compute_quietly(metrics)
 
 
@@ -255,9 +260,9 @@ def test_chunked_updates_equal_one_update():
     scores, gt = random_batch(8, seed=3)
     seg = scores > 0.6
     whole, chunked = AnomalyMetrics(n_bins=500), AnomalyMetrics(n_bins=500)
-    whole.update(scores, gt, seg)
+    whole.update(scores, gt, seg, labels=image_labels(gt))
     for lo, hi in ((0, 3), (3, 4), (4, 8)):
-        chunked.update(scores[lo:hi], gt[lo:hi], seg[lo:hi])
+        chunked.update(scores[lo:hi], gt[lo:hi], seg[lo:hi], labels=image_labels(gt[lo:hi]))
     expected = compute_quietly(whole)
     assert compute_quietly(chunked) == pytest.approx(expected, rel=1e-12, abs=1e-12)
     assert 0 < expected["miou"] < 1 and 0 < expected["pixel_f1"] < 1
@@ -279,7 +284,8 @@ def test_pixel_metric_state_does_not_grow_with_pixels():
     assert [state_numel(m) for m in metrics] == sizes
 
     image_auroc = ImageAUROC()  # exact: grows by one score and one label per image, not per pixel
-    image_auroc.update(*random_batch(6, size=96))
+    scores, gt = random_batch(6, size=96)
+    image_auroc.update(scores, image_labels(gt))
     assert state_numel(image_auroc) == 2 * 6
 
 
@@ -293,7 +299,7 @@ def _ddp_worker(rank, world_size, init_file, out_file):
         scores, gt = random_batch(8, seed=5)
         part = slice(0, 5) if rank == 0 else slice(5, 8)  # uneven shards exercise the padded gather
         metrics = AnomalyMetrics(n_bins=500)
-        metrics.update(scores[part], gt[part], scores[part] > 0.6)
+        metrics.update(scores[part], gt[part], scores[part] > 0.6, labels=image_labels(gt[part]))
         result = compute_quietly(metrics)
         if rank == 0:
             with open(out_file, "w") as f:
@@ -310,7 +316,7 @@ def test_ddp_sync_matches_single_process(tmp_path):
     )
     scores, gt = random_batch(8, seed=5)
     single = AnomalyMetrics(n_bins=500)
-    single.update(scores, gt, scores > 0.6)
+    single.update(scores, gt, scores > 0.6, labels=image_labels(gt))
     assert json.loads(out_file.read_text()) == pytest.approx(compute_quietly(single), rel=1e-12, abs=1e-12)
 
 
@@ -323,7 +329,7 @@ def test_curves_match_the_areas_and_end_points():
     gt[2, 0, 8:12, 3:9] = True
     amap = (torch.rand(4, 1, 16, 16, generator=g) * 0.6 + gt * 0.3).clamp(0, 1)
     metrics = AnomalyMetrics(n_bins=100)
-    metrics.update(amap, gt)
+    metrics.update(amap, gt, labels=image_labels(gt))
     curves = metrics.curves()
     values = metrics.compute()
     fpr, tpr = curves["roc"]
@@ -339,5 +345,35 @@ def test_curves_leave_out_what_is_undefined():
     from uflow_exp.metrics import AnomalyMetrics
 
     metrics = AnomalyMetrics(n_bins=10)
-    metrics.update(torch.rand(2, 1, 8, 8), torch.zeros(2, 1, 8, 8, dtype=torch.bool))
+    metrics.update(torch.rand(2, 1, 8, 8), torch.zeros(2, 1, 8, 8, dtype=torch.bool), labels=image_labels(torch.zeros(2, 1, 8, 8, dtype=torch.bool)))
     assert metrics.curves() == {}
+
+
+def test_image_auroc_takes_labels_not_masks():
+    # Anomalous images without masks (image-level labels only): the masks are empty, the labels are not.
+    maps = torch.full((4, 1, 8, 8), 0.1)
+    maps[2:, 0, 4, 4] = 0.9
+    labels = torch.tensor([0, 0, 1, 1])
+    metrics = AnomalyMetrics(n_bins=100)
+    metrics.update(maps, torch.zeros(4, 1, 8, 8, dtype=torch.bool), labels=labels,
+                   has_mask=torch.tensor([True, True, False, False]))  # fmt: skip
+    result = compute_quietly(metrics)
+    assert result == {"image_auroc": 1.0}  # pixel metrics absent, not NaN
+
+
+def test_pixel_metrics_skip_images_without_pixel_truth():
+    scores, gt = random_batch(6, seed=2)
+    labels = image_labels(gt)
+    has_mask = torch.ones(6, dtype=torch.bool)
+    unmasked = int(torch.nonzero(labels)[0])
+    has_mask[unmasked] = False
+    with_gap = AnomalyMetrics(n_bins=200)
+    with_gap.update(scores, torch.where(has_mask.view(-1, 1, 1, 1), gt, False), scores > 0.6,
+                    labels=labels, has_mask=has_mask)  # fmt: skip
+    masked_only = AnomalyMetrics(n_bins=200)
+    masked_only.update(scores[has_mask], gt[has_mask], scores[has_mask] > 0.6, labels=labels[has_mask])
+    full = AnomalyMetrics(n_bins=200)
+    full.update(scores, gt, labels=labels)
+    a, b, c = (compute_quietly(m) for m in (with_gap, masked_only, full))
+    assert {k: v for k, v in a.items() if k != "image_auroc"} == {k: v for k, v in b.items() if k != "image_auroc"}
+    assert a["image_auroc"] == c["image_auroc"]  # every image counts at image level

@@ -59,6 +59,14 @@ def test_one_epoch_on_each_layout(layout, tmp_path):
     assert tmp_path / "run" / "test_images" / "curves.png" in panels and len(panels) >= 2
 
 
+def test_image_level_labels_only(tmp_path):
+    # A folder of anomalous images without masks: image AUROC from the labels, no pixel metrics at all.
+    root = fake_layouts.make_folder(tmp_path / "data", n_normal=8, n_abnormal=3, size=64, mask_dir=None)
+    metrics = train(compose_train([*TINY, "dataset=folder", f"dataset.root={root}"], tmp_path / "run"))
+    assert 0.0 <= metrics["test/image_auroc"] <= 1.0
+    assert not [key for key in metrics if key.startswith("test/") and key != "test/image_auroc"]
+
+
 def test_checkpoint_loads_weights_only_and_keeps_the_threshold(tmp_path):
     root = fake_layouts.make_mvtec(tmp_path / "data", n_train=6, size=64)
     cfg = compose_train(

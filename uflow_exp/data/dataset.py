@@ -18,7 +18,9 @@ from uflow_exp.models.uflow.feature_extraction import IMAGENET_MEAN, IMAGENET_ST
 
 class AnomalyDataset(Dataset):
     """Reads any `Record` as a dict of `image` (3, S, S) float32 ImageNet-normalised, `mask`
-    (1, S, S) float32 in {0, 1}, `label` int64 scalar and `path` str, where S is `image_size`."""
+    (1, S, S) float32 in {0, 1}, `label` int64 scalar, `has_mask` bool scalar (False for an anomalous
+    image without a mask: its pixels are unlabelled, and its zero mask means nothing) and `path` str,
+    where S is `image_size`."""
 
     def __init__(self, records: Sequence[Record], image_size: int) -> None:
         self.records = list(records)
@@ -44,6 +46,7 @@ class AnomalyDataset(Dataset):
             "image": (image - self._mean) / self._std,
             "mask": mask,
             "label": torch.tensor(record.label, dtype=torch.int64),
+            "has_mask": torch.tensor(record.mask is not None or record.label == 0),
             "path": str(record.image),
         }
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from uflow_exp.data.records import (
+    DatasetError,
     LayoutContext,
     Record,
     Splits,
@@ -21,7 +23,8 @@ log = logging.getLogger(__name__)
 
 EXPECTED = (
     "ROOT/<normal_dir>/* (normal; a seeded test_fraction of them is tested unless normal_test_dir is set), "
-    "ROOT/<abnormal_dir>/<name>.* (anomalous, test only), optional ROOT/<mask_dir>/<name><mask_suffix>.*"
+    "ROOT/<abnormal_dir>/<name>.* or ROOT/<abnormal_dir>/<defect type>/<name>.* (anomalous, test only), "
+    "optional masks ROOT/<mask_dir>/<name><mask_suffix>.* (or ROOT/<mask_dir>/<defect type>/...)"
 )
 
 
@@ -43,18 +46,26 @@ def find_records(
         train = normal
         normal_test = normal_records(list_images(require_dir(root / normal_test_dir, "folder", EXPECTED)))
     abnormal_folder = require_dir(root / abnormal_dir, "folder", EXPECTED)
-    abnormal = list_images(abnormal_folder)
-    if mask_dir is None:
-        log.warning(
-            "folder: no mask_dir, so the %d anomalous images get empty masks: image-level metrics are "
-            "meaningful, pixel-level ones are not",
-            len(abnormal),
-        )
-        return Splits(train, normal_test + [Record(image, None, 1) for image in abnormal])
-    masks = require_dir(root / mask_dir, "folder", EXPECTED)
-    if masks.resolve() == abnormal_folder.resolve():
-        abnormal, _ = images_and_masks(abnormal_folder, mask_suffix)
-    return Splits(
-        train,
-        normal_test + abnormal_records(abnormal, masks, lambda image: image.stem + mask_suffix, ctx.problems),
-    )
+    # one folder of anomalous images, or one subfolder per defect type (as MVTec AD has)
+    masks = None if mask_dir is None else require_dir(root / mask_dir, "folder", EXPECTED)
+    subfolders = [p for p in abnormal_folder.iterdir() if p.is_dir() and (masks is None or p != masks)]
+    groups = [Path()] + sorted(p.relative_to(abnormal_folder) for p in subfolders)
+    if masks is None:
+        log.info("folder: no mask_dir, so the anomalous images have image-level labels only")
+    abnormal: list[Record] = []
+    by_mask_folder: dict[Path, list[Path]] = {}  # paired per mask folder, so no mask looks orphaned
+    for group in groups:
+        folder = abnormal_folder / group
+        images = list_images(folder)
+        if masks is None:
+            abnormal += [Record(image, None, 1) for image in images]
+            continue
+        group_masks = masks / group if (masks / group).is_dir() else masks
+        if group_masks.resolve() == folder.resolve():
+            images, _ = images_and_masks(folder, mask_suffix)
+        by_mask_folder.setdefault(group_masks, []).extend(images)
+    for folder, images in by_mask_folder.items():
+        abnormal += abnormal_records(images, folder, lambda image: image.stem + mask_suffix, ctx.problems)
+    if not abnormal:
+        raise DatasetError(f"folder: no anomalous images in {abnormal_folder}. Expected layout: {EXPECTED}")
+    return Splits(train, normal_test + abnormal)

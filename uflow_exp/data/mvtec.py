@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from uflow_exp.data.records import (
     normal_records,
     require_dir,
 )
+
+log = logging.getLogger(__name__)
 
 CATEGORIES = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
@@ -40,7 +43,11 @@ def defect_folder_splits(
     expected: str,
 ) -> Splits:
     """The MVTec-style tree shared by MVTec AD, BTAD and the generated textures: `train/<normal>`,
-    `test/<normal>`, `test/<defect>` with masks in `ground_truth/<defect>` named by `mask_stem`."""
+    `test/<normal>`, `test/<defect>` with masks in `ground_truth/<defect>` named by `mask_stem`.
+
+    Without any `ground_truth/` folder the anomalous images carry image-level labels only (no mask):
+    image AUROC is reported, pixel metrics are not. With one, every anomalous image needs its mask.
+    """
     train = normal_records(list_images(require_dir(base / "train" / normal, layout, expected)))
     test_dir = require_dir(base / "test", layout, expected)
     truth_dir = base / "ground_truth"
@@ -51,9 +58,14 @@ def defect_folder_splits(
     test: list[Record] = []
     if (test_dir / normal).is_dir():
         test += normal_records(list_images(test_dir / normal))
+    if not truth_dir.is_dir():
+        log.info("%s: no %s, so the anomalous test images have image-level labels only", layout, truth_dir)
     for defect in sorted(defects):
         images = list_images(test_dir / defect) if (test_dir / defect).is_dir() else []
-        test += abnormal_records(images, truth_dir / defect, mask_stem, problems)
+        if truth_dir.is_dir():
+            test += abnormal_records(images, truth_dir / defect, mask_stem, problems)
+        else:
+            test += [Record(image, None, 1) for image in images]
     return Splits(train, test)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from torch import Tensor, nn
+from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import BinaryF1Score
 
 from uflow_exp.metrics.image import ImageAUROC
@@ -14,8 +15,11 @@ class AnomalyMetrics(nn.Module):
     """Image AUROC, pixel AUROC, pixel AUPRO@0.3, oracle mIoU and, given segmentations, mIoU and pixel F1.
 
     Inputs per batch: ``anomaly_map`` (B, 1, H, W) float in [0, 1], ``gt_mask`` (B, 1, H, W) bool or 0/1 at
-    the same size, and optionally ``segmentation`` (B, 1, H, W) bool. Either every batch of a run comes with
-    a segmentation or none does. Memory is bounded by ``n_bins`` except for two numbers per image kept by
+    the same size, ``labels`` (B,) 1 for anomalous images, optionally ``has_mask`` (B,) bool (False for an
+    anomalous image whose pixels are unlabelled; default: all True) and ``segmentation`` (B, 1, H, W)
+    bool. Either every batch of a run comes with a segmentation or none does. Image AUROC uses every
+    image and its label; the pixel metrics use the images with pixel truth, and are left out of
+    ``compute`` when no anomalous image had a mask (image-level labels only). Memory is bounded by ``n_bins`` except for two numbers per image kept by
     the exact image AUROC. See ``PixelAUROC`` and ``PixelAUPRO`` for the binning error bounds.
 
     Each member is a torchmetrics ``Metric`` whose states reduce by sum or concatenation, so under DDP
@@ -39,15 +43,32 @@ class AnomalyMetrics(nn.Module):
         # F1 = 2TP / (2TP + FP + FN) is 0/0 when nothing is anomalous and nothing is detected; scoring that
         # perfect agreement 1 matches the mIoU convention.
         self.pixel_f1 = BinaryF1Score(zero_division=1, validate_args=False)
+        # anomalous images that came with a mask: without any, pixel metrics have nothing to measure
+        self.masked_anomalous = SumMetric()
         self._with_segmentation: bool | None = None
 
-    def update(self, anomaly_map: Tensor, gt_mask: Tensor, segmentation: Tensor | None = None) -> None:
+    def update(
+        self,
+        anomaly_map: Tensor,
+        gt_mask: Tensor,
+        segmentation: Tensor | None = None,
+        *,
+        labels: Tensor,
+        has_mask: Tensor | None = None,
+    ) -> None:
         with_segmentation = segmentation is not None
         if self._with_segmentation is None:
             self._with_segmentation = with_segmentation
         elif self._with_segmentation != with_segmentation:
             raise ValueError("segmentation must be given for every batch of a run or for none")
-        self.image_auroc.update(anomaly_map, gt_mask)
+        self.image_auroc.update(anomaly_map, labels)
+        if has_mask is not None and not bool(has_mask.all()):
+            keep = has_mask.bool().to(anomaly_map.device)
+            anomaly_map, gt_mask, labels = anomaly_map[keep], gt_mask[keep], labels[keep]
+            segmentation = None if segmentation is None else segmentation[keep]
+        self.masked_anomalous.update(labels.sum().float())
+        if not len(anomaly_map):
+            return
         self.pixel_auroc.update(anomaly_map, gt_mask)
         self.pixel_aupro.update(anomaly_map, gt_mask)
         self.best_miou.update(anomaly_map, gt_mask)
@@ -56,12 +77,10 @@ class AnomalyMetrics(nn.Module):
             self.pixel_f1.update(segmentation.flatten().long(), gt_mask.flatten().long())
 
     def compute(self) -> dict[str, float]:
-        metrics = {
-            "image_auroc": self.image_auroc,
-            "pixel_auroc": self.pixel_auroc,
-            "pixel_aupro": self.pixel_aupro,
-            "best_miou": self.best_miou,
-        }
+        metrics = {"image_auroc": self.image_auroc}
+        if self.masked_anomalous.compute() == 0:  # image-level labels only: no pixel truth to score
+            return {name: float(metric.compute()) for name, metric in metrics.items()}
+        metrics |= {"pixel_auroc": self.pixel_auroc, "pixel_aupro": self.pixel_aupro, "best_miou": self.best_miou}
         if self._with_segmentation:
             metrics |= {"miou": self.miou, "pixel_f1": self.pixel_f1}
         return {name: float(metric.compute()) for name, metric in metrics.items()}
@@ -85,6 +104,7 @@ class AnomalyMetrics(nn.Module):
             self.best_miou,
             self.miou,
             self.pixel_f1,
+            self.masked_anomalous,
         ):
             metric.reset()
         self._with_segmentation = None

@@ -7,11 +7,14 @@ from torchmetrics import Metric
 from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities import dim_zero_cat
 
-from uflow_exp.metrics._common import as_image_batch, warn_undefined
+from uflow_exp.metrics._common import warn_undefined
 
 
 class ImageAUROC(Metric):
-    """Exact AUROC of the per-image maximum anomaly score against "mask has any anomalous pixel".
+    """Exact AUROC of the per-image maximum anomaly score against each image's label (1 anomalous).
+
+    Labels come from the data set's records, never from the masks: an anomalous image may come
+    without a mask (image-level labels only), and its empty mask must not make it normal.
 
     Keeps one score and one label per image (test sets have hundreds of images, so exactness is cheap) and
     delegates the area to torchmetrics' ``binary_auroc``; only the single-class case is handled here, where
@@ -29,10 +32,11 @@ class ImageAUROC(Metric):
         self.add_state("scores", [], dist_reduce_fx="cat")
         self.add_state("labels", [], dist_reduce_fx="cat")
 
-    def update(self, anomaly_map: Tensor, gt_mask: Tensor) -> None:
-        scores, gt = as_image_batch(anomaly_map, gt_mask)
-        self.scores.append(scores.flatten(1).amax(dim=1).float())
-        self.labels.append(gt.flatten(1).any(dim=1).long())
+    def update(self, anomaly_map: Tensor, labels: Tensor) -> None:
+        if labels.shape != anomaly_map.shape[:1]:
+            raise ValueError(f"labels must be one per image {tuple(anomaly_map.shape[:1])}, got {tuple(labels.shape)}")
+        self.scores.append(anomaly_map.detach().flatten(1).amax(dim=1).float())
+        self.labels.append(labels.detach().long().to(self.scores[-1].device))
 
     def compute(self) -> Tensor:
         # After a DDP sync the list states are already concatenated tensors.

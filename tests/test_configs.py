@@ -108,7 +108,11 @@ def test_default_is_the_real_data_recipe_on_embedded_data(tmp_path):
     assert cfg.threshold._target_.endswith("NormalQuantileThreshold")
     # the recipe does not depend on the data set: a user's own data gets it too
     mvtec = compose_train(["dataset=mvtec", "dataset.root=/data"], tmp_path)
-    assert (mvtec.flow, mvtec.model.optimizer, mvtec.backbone) == (cfg.flow, cfg.model.optimizer, cfg.backbone)
+    assert (mvtec.flow, mvtec.model.optimizer, mvtec.backbone) == (
+        cfg.flow,
+        cfg.model.optimizer,
+        cfg.backbone,
+    )
 
 
 def test_paper_recipe_on_any_backbone(tmp_path):

@@ -96,3 +96,16 @@ def test_frozen_norm_affine_keeps_the_checkpoint_layout():
 def test_refuses_negative_noise():
     with pytest.raises(ValueError, match="feature_noise"):
         UFlow(backbone="resnet18", input_size=SIZE, pretrained=False, feature_noise=-0.1)
+
+
+def test_map_blur_is_a_gaussian_filter():
+    from scipy.ndimage import gaussian_filter
+
+    from uflow_exp.models.uflow.anomaly_map import anomaly_map
+
+    z = [torch.randn(2, 6, 16, 16, generator=torch.Generator().manual_seed(4))]
+    plain, blurred = anomaly_map(z, 64), anomaly_map(z, 64, blur_sigma=2.0)
+    expected = torch.from_numpy(gaussian_filter(plain.numpy(), sigma=(0, 0, 2.0, 2.0), truncate=4.0))
+    inner = (..., slice(9, -9), slice(9, -9))  # the borders are padded differently (reflect modes)
+    assert torch.allclose(blurred[inner], expected[inner], atol=1e-6)
+    assert blurred.std() < plain.std()

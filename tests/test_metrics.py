@@ -345,7 +345,11 @@ def test_curves_leave_out_what_is_undefined():
     from uflow_exp.metrics import AnomalyMetrics
 
     metrics = AnomalyMetrics(n_bins=10)
-    metrics.update(torch.rand(2, 1, 8, 8), torch.zeros(2, 1, 8, 8, dtype=torch.bool), labels=image_labels(torch.zeros(2, 1, 8, 8, dtype=torch.bool)))
+    metrics.update(
+        torch.rand(2, 1, 8, 8),
+        torch.zeros(2, 1, 8, 8, dtype=torch.bool),
+        labels=image_labels(torch.zeros(2, 1, 8, 8, dtype=torch.bool)),
+    )
     assert metrics.curves() == {}
 
 
@@ -375,5 +379,7 @@ def test_pixel_metrics_skip_images_without_pixel_truth():
     full = AnomalyMetrics(n_bins=200)
     full.update(scores, gt, labels=labels)
     a, b, c = (compute_quietly(m) for m in (with_gap, masked_only, full))
-    assert {k: v for k, v in a.items() if k != "image_auroc"} == {k: v for k, v in b.items() if k != "image_auroc"}
+    assert {k: v for k, v in a.items() if k != "image_auroc"} == {
+        k: v for k, v in b.items() if k != "image_auroc"
+    }
     assert a["image_auroc"] == c["image_auroc"]  # every image counts at image level

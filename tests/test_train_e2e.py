@@ -119,7 +119,7 @@ def test_feature_cache_gives_the_same_losses(tmp_path):
             assert results[cache][key] == pytest.approx(results["false"][key], rel=1e-5), (cache, key)
     assert not (tmp_path / "features_true").exists()
     (folder,) = (tmp_path / "features_disk").iterdir()
-    assert folder.name.startswith("mvtec-bottle-resnet18-64-")
+    assert folder.name.startswith("mvtec-bottle-resnet18-L123-64-")
     assert np.load(folder / "filled.npy").all()  # 6 train + 2 val images, each computed and flagged
 
 

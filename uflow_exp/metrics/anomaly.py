@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import BinaryF1Score
@@ -19,8 +20,9 @@ class AnomalyMetrics(nn.Module):
     anomalous image whose pixels are unlabelled; default: all True) and ``segmentation`` (B, 1, H, W)
     bool. Either every batch of a run comes with a segmentation or none does. Image AUROC uses every
     image and its label; the pixel metrics use the images with pixel truth, and are left out of
-    ``compute`` when no anomalous image had a mask (image-level labels only). Memory is bounded by ``n_bins`` except for two numbers per image kept by
-    the exact image AUROC. See ``PixelAUROC`` and ``PixelAUPRO`` for the binning error bounds.
+    ``compute`` when the anomalous images came without masks (image-level labels only). Memory is
+    bounded by ``n_bins`` except for two numbers per image kept by the exact image AUROC. See
+    ``PixelAUROC`` and ``PixelAUPRO`` for the binning error bounds.
 
     Each member is a torchmetrics ``Metric`` whose states reduce by sum or concatenation, so under DDP
     ``compute()`` (called on every rank) syncs them and returns what a single process would.
@@ -43,8 +45,9 @@ class AnomalyMetrics(nn.Module):
         # F1 = 2TP / (2TP + FP + FN) is 0/0 when nothing is anomalous and nothing is detected; scoring that
         # perfect agreement 1 matches the mIoU convention.
         self.pixel_f1 = BinaryF1Score(zero_division=1, validate_args=False)
-        # anomalous images that came with a mask: without any, pixel metrics have nothing to measure
+        # anomalous images with and without a mask: when none has one, pixel metrics measure nothing
         self.masked_anomalous = SumMetric()
+        self.unmasked_anomalous = SumMetric()
         self._with_segmentation: bool | None = None
 
     def update(
@@ -62,8 +65,10 @@ class AnomalyMetrics(nn.Module):
         elif self._with_segmentation != with_segmentation:
             raise ValueError("segmentation must be given for every batch of a run or for none")
         self.image_auroc.update(anomaly_map, labels)
-        if has_mask is not None and not bool(has_mask.all()):
-            keep = has_mask.bool().to(anomaly_map.device)
+        keep = torch.ones(len(labels), dtype=torch.bool) if has_mask is None else has_mask.bool()
+        keep, anomalous = keep.to(anomaly_map.device), labels.to(anomaly_map.device).bool()
+        self.unmasked_anomalous.update((anomalous & ~keep).sum().float())
+        if not bool(keep.all()):
             anomaly_map, gt_mask, labels = anomaly_map[keep], gt_mask[keep], labels[keep]
             segmentation = None if segmentation is None else segmentation[keep]
         self.masked_anomalous.update(labels.sum().float())
@@ -78,9 +83,14 @@ class AnomalyMetrics(nn.Module):
 
     def compute(self) -> dict[str, float]:
         metrics = {"image_auroc": self.image_auroc}
-        if self.masked_anomalous.compute() == 0:  # image-level labels only: no pixel truth to score
+        if self.masked_anomalous.compute() == 0 and self.unmasked_anomalous.compute() > 0:
+            # image-level labels only: there is no pixel truth to score
             return {name: float(metric.compute()) for name, metric in metrics.items()}
-        metrics |= {"pixel_auroc": self.pixel_auroc, "pixel_aupro": self.pixel_aupro, "best_miou": self.best_miou}
+        metrics |= {
+            "pixel_auroc": self.pixel_auroc,
+            "pixel_aupro": self.pixel_aupro,
+            "best_miou": self.best_miou,
+        }
         if self._with_segmentation:
             metrics |= {"miou": self.miou, "pixel_f1": self.pixel_f1}
         return {name: float(metric.compute()) for name, metric in metrics.items()}
@@ -105,6 +115,7 @@ class AnomalyMetrics(nn.Module):
             self.miou,
             self.pixel_f1,
             self.masked_anomalous,
+            self.unmasked_anomalous,
         ):
             metric.reset()
         self._with_segmentation = None

@@ -34,7 +34,9 @@ class ImageAUROC(Metric):
 
     def update(self, anomaly_map: Tensor, labels: Tensor) -> None:
         if labels.shape != anomaly_map.shape[:1]:
-            raise ValueError(f"labels must be one per image {tuple(anomaly_map.shape[:1])}, got {tuple(labels.shape)}")
+            raise ValueError(
+                f"labels must be one per image {tuple(anomaly_map.shape[:1])}, got {tuple(labels.shape)}"
+            )
         self.scores.append(anomaly_map.detach().flatten(1).amax(dim=1).float())
         self.labels.append(labels.detach().long().to(self.scores[-1].device))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import hydra
@@ -49,16 +50,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     metrics: dict = {}
     if cfg.get("train"):
+        start = time.perf_counter()
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics |= {k: v for k, v in trainer.callback_metrics.items() if not k.startswith("test/")}
+        metrics["time/fit_s"] = time.perf_counter() - start
     if cfg.get("test"):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        start = time.perf_counter()
         if cfg.get("train") and best:
             log.info("Testing the best checkpoint %s", best)
             trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
         else:
             trainer.test(model, datamodule=datamodule)
+        seconds = time.perf_counter() - start  # loading the checkpoint, decoding, model, NFA, metrics
         metrics |= {k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        metrics["time/test_images_per_s"] = len(datamodule.test_dataset) / seconds
     if trainer.is_global_zero:
         metrics = write_metrics(metrics, output_dir / "metrics.json")
         log.info("Metrics: %s", metrics)

@@ -6,10 +6,12 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.functional import gaussian_blur
 
 
-def anomaly_map(z: Sequence[torch.Tensor], size: int) -> torch.Tensor:
-    """``1 - mean_s upsample(exp(-0.5 * mean_c z_s^2))`` as a (B, 1, size, size) map in [0, 1]."""
+def anomaly_map(z: Sequence[torch.Tensor], size: int, blur_sigma: float = 0.0) -> torch.Tensor:
+    """``1 - mean_s upsample(exp(-0.5 * mean_c z_s^2))`` as a (B, 1, size, size) map in [0, 1],
+    smoothed by a Gaussian of ``blur_sigma`` pixels (at ``size``) when it is positive (0: the reference)."""
     probabilities = [
         F.interpolate(
             torch.exp(-0.5 * zs.pow(2).mean(dim=1, keepdim=True)),
@@ -19,4 +21,8 @@ def anomaly_map(z: Sequence[torch.Tensor], size: int) -> torch.Tensor:
         )
         for zs in z
     ]
-    return 1.0 - torch.stack(probabilities, dim=-1).mean(dim=-1)
+    amap = 1.0 - torch.stack(probabilities, dim=-1).mean(dim=-1)
+    if blur_sigma > 0:
+        radius = max(1, int(4 * blur_sigma + 0.5))  # the kernel reaches 4 sigma, as scipy's does
+        amap = gaussian_blur(amap, [2 * radius + 1] * 2, [float(blur_sigma)] * 2)
+    return amap

@@ -279,7 +279,9 @@ def build_feature_extractor(
 ) -> FeatureExtractor:
     """The extractor for ``backbone``; refuses unsupported input sizes before building anything."""
     if backbone == "mcait" and layers is not None:
-        raise ValueError(f"backbone 'mcait' has fixed scales (CaiT blocks 41 and 21); set layers to null, got {layers}")
+        raise ValueError(
+            f"backbone 'mcait' has fixed scales (CaiT blocks 41 and 21); set layers to null, got {layers}"
+        )
     required = FIXED_INPUT_SIZE.get(backbone)
     if required is not None and input_size != required:
         raise ValueError(f"backbone '{backbone}' works at input_size {required} only, got {input_size}")

@@ -118,13 +118,19 @@ class UFlowModule(L.LightningModule):
 
     # -- steps -------------------------------------------------------------------------------------
     def _latents(
-        self, batch: dict, cached: bool = False, jac: bool = True
+        self, batch: dict, cached: bool = False, jac: bool = True, generator: torch.Generator | None = None
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         if cached and self.feature_cache is not None:
             raw = self.feature_cache.features(batch["path"], batch["image"], self.model.extract)
         else:
             raw = self.model.extract(batch["image"])
-        return self.model.encode(self.model.normalize(raw), jac=jac)
+        return self.model.encode(self.model.normalize(raw, generator), jac=jac)
+
+    def _noise_generator(self) -> torch.Generator:
+        """The feature noise of this step, from (run seed, global step, rank) alone: the global RNG's
+        state is not in a checkpoint, so a resumed run would otherwise draw other noise."""
+        seed = (torch.initial_seed() * 1_000_003 + self.global_step * 101 + self.global_rank) % 2**63
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     def _eval_masks(self, batch: dict) -> torch.Tensor:
         mask = batch["mask"].float()
@@ -135,7 +141,7 @@ class UFlowModule(L.LightningModule):
         return mask >= 0.5
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = nll_loss(*self._latents(batch, cached=True))
+        loss = nll_loss(*self._latents(batch, cached=True, generator=self._noise_generator()))
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "

@@ -43,6 +43,7 @@ class UFlow(nn.Module):
             training (dequantisation); 0 is the reference. See ``normalize``.
         train_norm_affine: train the per-scale ``LayerNorm`` affine parameters (the reference) or keep
             them at identity. They sit outside the flow, so the likelihood never pays for them.
+        map_blur_sigma: Gaussian smoothing of the anomaly map, in pixels of the map (0: the reference).
     """
 
     def __init__(
@@ -60,12 +61,14 @@ class UFlow(nn.Module):
         layers: Sequence[int] | None = None,
         feature_noise: float = 0.0,
         train_norm_affine: bool = True,
+        map_blur_sigma: float = 0.0,
     ):
         super().__init__()
         if feature_noise < 0:
             raise ValueError(f"feature_noise must be >= 0, got {feature_noise}")
         self.input_size = input_size
         self.feature_noise = float(feature_noise)
+        self.map_blur_sigma = float(map_blur_sigma)
         self.feature_extractor = build_feature_extractor(backbone, input_size, pretrained, weights, layers)
         if not train_norm_affine:  # the backbone is frozen already: this leaves the LayerNorms at identity
             self.feature_extractor.requires_grad_(False)
@@ -98,8 +101,11 @@ class UFlow(nn.Module):
         """Raw backbone outputs (no gradient; cacheable while the backbone is frozen)."""
         return self.feature_extractor.extract(images)
 
-    def normalize(self, raw_features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Per-scale normalised features; in training mode plus ``feature_noise`` Gaussian noise.
+    def normalize(
+        self, raw_features: Sequence[torch.Tensor], generator: torch.Generator | None = None
+    ) -> list[torch.Tensor]:
+        """Per-scale normalised features; in training mode plus ``feature_noise`` Gaussian noise, drawn
+        from ``generator`` when given (a resumed run then draws what the uninterrupted one drew).
 
         Real images have regions whose features barely vary from image to image (black scan background,
         padding, flat surfaces). Their density under the flow is unbounded, so training drives the
@@ -109,7 +115,12 @@ class UFlow(nn.Module):
         """
         features = self.feature_extractor.normalize(raw_features)
         if self.training and self.feature_noise > 0:
-            features = [f + self.feature_noise * torch.randn_like(f) for f in features]
+            features = [
+                f
+                + self.feature_noise
+                * torch.randn(f.shape, generator=generator, device=f.device, dtype=f.dtype)
+                for f in features
+            ]
         return features
 
     def encode(
@@ -121,7 +132,7 @@ class UFlow(nn.Module):
         return list(z), log_jac_det
 
     def anomaly_map(self, z: Sequence[torch.Tensor], size: int | None = None) -> torch.Tensor:
-        return anomaly_map(z, self.input_size if size is None else size)
+        return anomaly_map(z, self.input_size if size is None else size, self.map_blur_sigma)
 
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         return self.encode(self.normalize(self.extract(images)))

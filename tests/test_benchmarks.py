@@ -53,3 +53,15 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     variants = [row[3] for row in table_rows((tmp_path / "flow.md").read_text(), "resnet18@256")]
     assert variants == ["reference", "fast", "fast+compile", "convolutions only"]
     assert "CUDA device" not in out
+
+
+def test_accuracy_benchmark_prints_a_row_per_case():
+    out = run(
+        sys.executable, "benchmarks/bench_accuracy.py", "--cases", "brick", "--",
+        "trainer.max_epochs=1", "dataset.n_train=6", "dataset.n_test_good=2", "dataset.n_test_defect=2",
+        "backbone.input_size=64", "model.eval_size=64", "dataset.generated_size=64",
+    )  # fmt: skip
+    rows = table_rows(out, "brick")
+    assert len(rows) == 2 and rows[0] == rows[1]  # printed as it runs, then in the table
+    assert len(rows[0]) == 8 and all(0 <= float(cell) <= 1 for cell in rows[0][1:6])
+    assert float(rows[0][6]) > 0 and float(rows[0][7]) > 0

@@ -181,3 +181,17 @@ def test_training_reduces_loss_and_backbone_stays_frozen():
     assert losses[-1] < losses[0]
     for key, value in model.feature_extractor.extractor.state_dict().items():
         assert torch.equal(value, backbone_before[key]), key
+
+
+def test_feature_levels_choose_the_scales():
+    model = UFlow(
+        backbone="efficientnet_lite0", input_size=64, flow_steps=1, pretrained=False, layers=[2, 3, 4]
+    )
+    with torch.no_grad():
+        z, _ = model(torch.randn(1, 3, 64, 64))
+    assert model.feature_extractor.scale_factors == [8, 16, 32]
+    assert [tuple(t.shape[1:]) for t in z] == [(59, 8, 8), (76, 4, 4), (160, 2, 2)]
+    with pytest.raises(ValueError, match="layers"):
+        UFlow(backbone="resnet18", input_size=64, pretrained=False, layers=[3, 2])
+    with pytest.raises(ValueError, match="layers"):
+        build_feature_extractor("mcait", 448, pretrained=False, layers=[1, 2])

@@ -103,7 +103,7 @@ class CacheSpec:
 
     @property
     def label(self) -> str:
-        """The readable part of the folder name, e.g. ``mvtec-bottle-resnet18-256``."""
+        """The readable part of the folder name, e.g. ``mvtec-bottle-resnet18-L123-256``."""
         levels = None if self.layers is None else "L" + "".join(map(str, self.layers))
         parts = (self.dataset, self.category, self.backbone, levels, self.input_size)
         return "-".join(re.sub(r"[^\w.]+", "_", str(part)) for part in parts if part is not None)

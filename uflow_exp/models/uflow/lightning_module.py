@@ -32,7 +32,7 @@ class UFlowModule(L.LightningModule):
     Args:
         backbone: ``{name, input_size, pretrained, weights, layers}``.
         flow: ``{flow_steps, affine_clamp, subnet_channels_ratio, permute_soft, compile_coupling,
-            feature_noise, train_norm_affine}`` (keyword arguments of ``UFlow``).
+            feature_noise, train_norm_affine, map_blur_sigma}`` (keyword arguments of ``UFlow``).
         threshold: a ``_target_`` config of a ``uflow_exp.thresholds.Threshold``.
         optimizer: a ``_partial_`` optimizer config (called with the trainable parameters).
         scheduler: a ``_partial_`` epoch-wise scheduler config, or None.
@@ -126,9 +126,11 @@ class UFlowModule(L.LightningModule):
             raw = self.model.extract(batch["image"])
         return self.model.encode(self.model.normalize(raw, generator), jac=jac)
 
-    def _noise_generator(self) -> torch.Generator:
+    def _noise_generator(self) -> torch.Generator | None:
         """The feature noise of this step, from (run seed, global step, rank) alone: the global RNG's
         state is not in a checkpoint, so a resumed run would otherwise draw other noise."""
+        if not self.model.feature_noise:
+            return None
         seed = (torch.initial_seed() * 1_000_003 + self.global_step * 101 + self.global_rank) % 2**63
         return torch.Generator(device=self.device).manual_seed(seed)
 

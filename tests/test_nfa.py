@@ -80,8 +80,10 @@ def test_log_number_of_tests_small_sizes_direct_sum():
     assert log_number_of_tests([784, 196]) == pytest.approx(476.9237, abs=1e-3)
 
 
-def _naive_region_log_prob_map(zi: torch.Tensor) -> np.ndarray:
+def _naive_region_log_prob_map(zi: torch.Tensor, clip: bool = False, by_size: bool = False) -> np.ndarray:
     """Direct node-by-node simulation of the procedure in the method doc, for cross-checking.
+    ``clip`` and ``by_size`` are the options of ``tree_nfa`` (log P = 0 for t < 1; plus the log10
+    number of polyominoes of the region's size in this latent).
 
     Nodes are the canonical pixels of skimage's max-tree, visited in traverser order; prune and merge
     passes edit explicit parent/children dicts exactly as the procedure is stated.
@@ -107,7 +109,11 @@ def _naive_region_log_prob_map(zi: torch.Tensor) -> np.ndarray:
     with np.errstate(divide="ignore"):
         for v in nodes:
             t = s[region[v]].min() / channels
-            value[v] = len(region[v]) * (-(channels / 2) * (t - 1 - np.log(t)) / np.log(10))
+            log_p = 0.0 if clip and t < 1 else -(channels / 2) * (t - 1 - np.log(t)) / np.log(10)
+            value[v] = len(region[v]) * log_p
+            if by_size:
+                r = len(region[v])
+                value[v] += math.log10(flat.size * 0.316915 * 4.062570**r / r) if r < 300 else np.nan
 
     def remove(v):
         up = parent.pop(v, None)
@@ -210,6 +216,48 @@ def _planted_latents(generator, n_images, channels, size, box, gain):
     r0, r1, c0, c1 = box
     z[:, :, r0:r1, c0:c1] *= gain
     return z
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("clip, by_size", [(True, False), (False, True), (True, True)])
+def test_tree_options_equal_naive_simulation(seed, clip, by_size):
+    g = torch.Generator().manual_seed(seed)
+    # under-dispersed background (t < 1 everywhere but the planted box), as a noise-trained flow gives
+    z = _planted_latents(g, 1, 6 + seed, 14, (3, 7, 5, 10), 3.0 + 0.3 * seed)[0] * 0.8
+    fast = nfa_tree.region_log_prob_maps([z[None]], clip, by_size)[0][0]
+    np.testing.assert_allclose(fast, _naive_region_log_prob_map(z, clip, by_size), rtol=1e-6)
+    assert np.isfinite(fast).any()
+
+
+def test_clip_lower_tail_ignores_under_dispersed_latents():
+    g = torch.Generator().manual_seed(5)
+    z = [0.7 * torch.randn(8, 31, 32, 32, generator=g), 0.7 * torch.randn(8, 76, 16, 16, generator=g)]
+    flagged = lambda **kw: (tree_nfa(z, 64, **kw) > 0).flatten(1).any(dim=1)  # noqa: E731
+    # The unclipped bound counts latents smaller than the null's as evidence: every image is flagged.
+    assert flagged().all() and flagged(tests_by_size=True).all()
+    assert not flagged(clip_lower_tail=True).any()
+    assert not flagged(clip_lower_tail=True, tests_by_size=True).any()
+
+
+def test_tests_by_size_detects_a_small_region_the_total_count_misses():
+    g = torch.Generator().manual_seed(5)
+    z = [torch.randn(8, 31, 32, 32, generator=g), torch.randn(8, 76, 16, 16, generator=g)]
+    z[0][:, :, 10:14, 20:24] *= 2.5  # 16 of 1024 latent pixels
+    box = torch.zeros(64, 64, dtype=torch.bool)
+    box[20:28, 40:48] = True
+    reference = tree_nfa(z, 64)[:, 0] > 0
+    assert not reference.any()
+    mask = tree_nfa(z, 64, clip_lower_tail=True, tests_by_size=True)[:, 0] > 0
+    iou = (mask & box).flatten(1).sum(1) / (mask | box).flatten(1).sum(1)
+    assert (iou > 0.5).all()
+    assert not (mask & ~F.max_pool2d(box[None].float(), 9, 1, 4)[0].bool()).any()  # nothing far off
+
+
+def test_tree_options_keep_noise_false_alarms_rare():
+    g = torch.Generator().manual_seed(31)
+    z = [torch.randn(100, 31, 32, 32, generator=g), torch.randn(100, 76, 16, 16, generator=g)]
+    out = tree_nfa(z, 32, clip_lower_tail=True, tests_by_size=True)
+    assert (out > 0).flatten(1).any(dim=1).double().mean().item() <= 0.05
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -61,12 +61,24 @@ class Threshold(nn.Module):
 
 
 class NFATreeThreshold(Threshold):
-    def __init__(self, log_nfa_threshold: float = 0.0) -> None:
+    """The tree NFA; ``clip_lower_tail`` and ``tests_by_size`` are ``tree_nfa``'s options (both off:
+    the reference, exactly)."""
+
+    def __init__(
+        self, log_nfa_threshold: float = 0.0, clip_lower_tail: bool = False, tests_by_size: bool = False
+    ) -> None:
         super().__init__()
         self.log_nfa_threshold = log_nfa_threshold
+        self.clip_lower_tail = clip_lower_tail
+        self.tests_by_size = tests_by_size
 
     def segment(self, z, amap):
-        significance = tree_nfa([t.float() for t in z], amap.shape[-1]).to(amap.device)
+        significance = tree_nfa(
+            [t.float() for t in z],
+            amap.shape[-1],
+            clip_lower_tail=self.clip_lower_tail,
+            tests_by_size=self.tests_by_size,
+        ).to(amap.device)
         return significance > self.log_nfa_threshold, significance
 
 

@@ -48,11 +48,32 @@ def log_number_of_tests(sizes: list[int]) -> float:
     return float(np.float32(ln_tests / np.log(10)))
 
 
-def tree_nfa(z: list[torch.Tensor], target_size: int) -> torch.Tensor:
+def log_number_of_size_classes(sizes: list[int]) -> float:
+    """log10 of the number of (scale, region size) classes, sum_s N_s: the Bonferroni factor of
+    ``tests_by_size``."""
+    return float(np.float32(np.log10(sum(sizes))))
+
+
+def tree_nfa(
+    z: list[torch.Tensor], target_size: int, *, clip_lower_tail: bool = False, tests_by_size: bool = False
+) -> torch.Tensor:
     """-log10 NFA of the tree method, shape (B, 1, target_size, target_size); positive = significant.
 
     ``z`` holds one latent per scale, each (B, C_s, H_s, W_s), finite. The automatic segmentation is
     ``tree_nfa(z, size) > 0`` (NFA < 1). The result is on the device of ``z[0]``.
+
+    Both options default to the reference (exact, bit for bit):
+
+    * ``clip_lower_tail``: the Chernoff bound ``P(chi2_C >= C t) <= exp(-C/2 (t - 1 - ln t))`` holds
+      for ``t >= 1`` only; below, it is not a bound (it falls towards 0 as t does, while the true
+      tail rises to 1). The reference applies it anyway, so latents smaller than the null model's
+      (a flow trained with feature noise sees clean, under-dispersed features) count as evidence and
+      whole images come out significant. Clipped, ``log P = 0`` for ``t < 1``.
+    * ``tests_by_size``: the reference charges every region the number of tests of all regions of
+      every size (10^2490 for a 64 x 64 latent), so a defect must cover about a tenth of the image.
+      Stratified by size, a region of r pixels at scale s is charged the number of regions of its own
+      size there, ``N_s * ALPHA * BETA^r / r``, times the number of (scale, size) classes, ``sum_s N_s``:
+      a Bonferroni split of the same budget of one expected false alarm per image.
     """
     if min(min(zs.shape[-2:]) for zs in z) < 3:
         raise ValueError("tree_nfa needs latents of at least 3 x 3 pixels (skimage's max_tree fails below)")
@@ -65,7 +86,8 @@ def tree_nfa(z: list[torch.Tensor], target_size: int) -> torch.Tensor:
         chunk = max(1, _FOREST_PIXELS // sum(zs[0, 0].numel() for zs in z_cpu))
         for lo in range(0, batch, chunk):
             log_prob = out[lo : lo + chunk]
-            for s, maps in enumerate(region_log_prob_maps([zs[lo : lo + chunk] for zs in z_cpu])):
+            chunk_z = [zs[lo : lo + chunk] for zs in z_cpu]
+            for s, maps in enumerate(region_log_prob_maps(chunk_z, clip_lower_tail, tests_by_size)):
                 # nan_to_num as the reference: unpainted pixels -> 0, -inf -> the most negative float32.
                 maps = torch.from_numpy(np.nan_to_num(maps, nan=0.0)).unsqueeze(1)
                 up = F.interpolate(
@@ -77,20 +99,35 @@ def tree_nfa(z: list[torch.Tensor], target_size: int) -> torch.Tensor:
                     log_prob[...] = up.numpy()
                 else:
                     np.minimum(log_prob, up.numpy(), out=log_prob)
-        log_n_tests = log_number_of_tests([int(zs.shape[-2] * zs.shape[-1]) for zs in z_cpu])
+        sizes = [int(zs.shape[-2] * zs.shape[-1]) for zs in z_cpu]
+        log_n_tests = log_number_of_size_classes(sizes) if tests_by_size else log_number_of_tests(sizes)
         np.negative(np.add(out, np.float32(log_n_tests), out=out), out=out)
         return torch.from_numpy(out).to(z[0].device)
 
 
-def _chernoff_log10_tail(s_min: np.ndarray, channels: np.ndarray) -> np.ndarray:
-    """log10 P(chi2_C >= s) bounded by Chernoff, with the reference's float32 -> float64 steps.
+def _chernoff_log10_tail(
+    s_min: np.ndarray, channels: np.ndarray, clip_lower_tail: bool = False
+) -> np.ndarray:
+    """log10 P(chi2_C >= s) bounded by Chernoff, with the reference's float32 -> float64 steps;
+    ``clip_lower_tail`` sets it to 0 where ``s < C``, outside the bound's domain (see ``tree_nfa``).
 
     The reference evaluates this on numpy float32 scalars (NEP 50: Python numbers stay float32) and
     only the final division by the float64 ln(10) widens; the casts below reproduce those roundings.
     """
     t = s_min / channels.astype(np.float32)
     gap = (t - np.float32(1)) - np.log(t)
-    return ((-(channels / 2)).astype(np.float32) * gap).astype(np.float64) / np.log(10)
+    log10_tail = ((-(channels / 2)).astype(np.float32) * gap).astype(np.float64) / np.log(10)
+    return np.where(t < 1, 0.0, log10_tail) if clip_lower_tail else log10_tail
+
+
+def _log10_regions_of_size(area: np.ndarray, scale_pixels: np.ndarray) -> np.ndarray:
+    """log10 of the number of 4-connected regions of ``area`` pixels in a latent of ``scale_pixels``."""
+    return (
+        np.log10(scale_pixels)
+        + np.log10(_POLYOMINO_ALPHA)
+        + area * np.log10(_POLYOMINO_BETA)
+        - np.log10(area)
+    )
 
 
 def _pointer_jump(pointer: np.ndarray) -> np.ndarray:
@@ -184,14 +221,17 @@ def _max_forest(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return parent, traverser[traverser >= 0]
 
 
-def region_log_prob_maps(z: list[torch.Tensor]) -> list[np.ndarray]:
-    """Per-pixel log10 probability of the selected upper-level regions, per scale (B, H_s, W_s).
+def region_log_prob_maps(
+    z: list[torch.Tensor], clip_lower_tail: bool = False, tests_by_size: bool = False
+) -> list[np.ndarray]:
+    """Per-pixel log10 probability of the selected upper-level regions, per scale (B, H_s, W_s);
+    with ``tests_by_size``, plus the log10 number of regions of that size at that scale.
 
     ``z`` holds CPU latents (B, C_s, H_s, W_s). Pixels outside every selected region are NaN, as in
     the reference. All images and scales are processed as one forest so that the fixed cost of the
-    array operations is paid once per call.
+    array operations is paid once per call. The options are ``tree_nfa``'s.
     """
-    scores, sums, channels = [], [], []
+    scores, sums, channels, scale_pixels = [], [], [], []
     for zs in z:
         batch, c = zs.shape[:2]
         # The reference squares and reduces each image separately (torch mean for the score, numpy
@@ -201,6 +241,7 @@ def region_log_prob_maps(z: list[torch.Tensor]) -> list[np.ndarray]:
         scores.extend(torch.mean(squared, dim=1).numpy())
         sums.append(np.sum(squared.numpy().reshape(batch, c, -1), axis=1).ravel())
         channels.append(np.full(zs[:, 0].numel(), c))
+        scale_pixels.append(np.full(zs[:, 0].numel(), zs[0, 0].numel()))
     pix_parent, traverser = _max_forest(scores)
     flat = np.concatenate([score.ravel() for score in scores])
     s, pix_channels = np.concatenate(sums), np.concatenate(channels)
@@ -232,7 +273,9 @@ def region_log_prob_maps(z: list[torch.Tensor]) -> list[np.ndarray]:
     area = cum_area[end] - cum_area[pos]
     s_min = _range_min(own_min[order], pos, end)
     with np.errstate(divide="ignore"):  # S = 0 gives log10 P = -inf, as in the reference
-        value = area * _chernoff_log10_tail(s_min, pix_channels[nodes])
+        value = area * _chernoff_log10_tail(s_min, pix_channels[nodes], clip_lower_tail)
+    if tests_by_size:
+        value = value + _log10_regions_of_size(area, np.concatenate(scale_pixels)[nodes])
 
     n_kids = np.bincount(parent[kids], minlength=n)
     # Bottom of each node's segment: follow only-children down to a leaf or bifurcation.

@@ -33,6 +33,9 @@ COLUMNS = [
     ("image AUROC", "test/image_auroc", "{:.3f}"),
     ("mIoU (threshold)", "test/miou", "{:.3f}"),
     ("oracle mIoU", "test/best_miou", "{:.3f}"),
+    ("mIoU anomalous", "test/miou_anomalous", "{:.3f}"),
+    ("false alarms", "test/false_alarm_rate", "{:.2f}"),
+    ("detection recall", "test/detection_recall", "{:.2f}"),
     ("train s", "time/fit_s", "{:.0f}"),
     ("test img/s", "time/test_images_per_s", "{:.1f}"),
 ]

@@ -63,5 +63,5 @@ def test_accuracy_benchmark_prints_a_row_per_case():
     )  # fmt: skip
     rows = table_rows(out, "brick")
     assert len(rows) == 2 and rows[0] == rows[1]  # printed as it runs, then in the table
-    assert len(rows[0]) == 8 and all(0 <= float(cell) <= 1 for cell in rows[0][1:6])
-    assert float(rows[0][6]) >= 0 and float(rows[0][7]) > 0  # train seconds, rounded; test images/s
+    assert len(rows[0]) == 11 and all(0 <= float(cell) <= 1 for cell in rows[0][1:9])
+    assert float(rows[0][9]) >= 0 and float(rows[0][10]) > 0  # train seconds, rounded; test images/s

@@ -129,8 +129,9 @@ def test_perfect_maps_score_one():
     metrics = AnomalyMetrics(n_bins=100)
     metrics.update(gt.float(), gt, seg, labels=image_labels(gt))
     assert metrics.compute() == pytest.approx(
-        {"image_auroc": 1, "pixel_auroc": 1, "pixel_aupro": 1, "best_miou": 1, "miou": 1, "pixel_f1": 1}
-    )
+        {"image_auroc": 1, "pixel_auroc": 1, "pixel_aupro": 1, "best_miou": 1, "miou": 1, "pixel_f1": 1,
+         "false_alarm_rate": 0, "detection_precision": 1, "detection_recall": 1, "miou_anomalous": 1}
+    )  # fmt: skip
 
 
 def test_inverted_maps_score_zero():
@@ -170,6 +171,28 @@ def test_segmentation_miou_and_f1_by_hand():
     assert result["miou"] == pytest.approx(((2 + EPS) / (4 + EPS) + EPS / (1 + EPS) + 1) / 3, abs=1e-9)
     # Pooled: TP = 2, FP = 1, FN = 2 -> 2 * 2 / (2 * 2 + 1 + 2).
     assert result["pixel_f1"] == pytest.approx(4 / 7, abs=1e-6)
+
+
+def test_detection_operating_point_by_hand():
+    gt = torch.zeros(6, 1, 4, 4, dtype=torch.bool)
+    gt[:3, 0, 1, 1] = True  # images 0-2 anomalous, 3-5 normal
+    seg = torch.zeros_like(gt)
+    seg[0, 0, 1, 1] = True  # hit: IoU 1
+    seg[1, 0, 3, 3] = True  # detected, but elsewhere: IoU ~ 0
+    seg[3, 0, 0, 0] = True  # a false alarm on a normal image; images 2, 4 and 5 left clean
+    metrics = AnomalyMetrics(n_bins=10, eps=EPS)
+    metrics.update(torch.rand(gt.shape), gt, seg, labels=image_labels(gt))
+    result = compute_quietly(metrics)
+    assert result["false_alarm_rate"] == pytest.approx(1 / 3)  # 1 of 3 normal images
+    assert result["detection_recall"] == pytest.approx(2 / 3)  # 2 of 3 anomalous images
+    assert result["detection_precision"] == pytest.approx(2 / 3)  # 2 of the 3 flagged images
+    assert result["miou_anomalous"] == pytest.approx((1 + EPS / (2 + EPS) + EPS / (1 + EPS)) / 3)
+    # Undefined rates are NaN, not a convention: no detections at all, no normal images.
+    empty = AnomalyMetrics(n_bins=10)
+    empty.update(torch.rand(3, 1, 4, 4), gt[:3], torch.zeros_like(gt[:3]), labels=image_labels(gt[:3]))
+    undefined = compute_quietly(empty)
+    assert math.isnan(undefined["false_alarm_rate"]) and math.isnan(undefined["detection_precision"])
+    assert undefined["detection_recall"] == 0.0
 
 
 def test_normal_image_without_detection_scores_one():
@@ -379,7 +402,9 @@ def test_pixel_metrics_skip_images_without_pixel_truth():
     full = AnomalyMetrics(n_bins=200)
     full.update(scores, gt, labels=labels)
     a, b, c = (compute_quietly(m) for m in (with_gap, masked_only, full))
-    assert {k: v for k, v in a.items() if k != "image_auroc"} == {
-        k: v for k, v in b.items() if k != "image_auroc"
+    image_level = {"image_auroc", "false_alarm_rate", "detection_precision", "detection_recall"}
+    assert {k: v for k, v in a.items() if k not in image_level} == {
+        k: v for k, v in b.items() if k not in image_level
     }
     assert a["image_auroc"] == c["image_auroc"]  # every image counts at image level
+    assert a["detection_recall"] == (scores[labels.bool()] > 0.6).flatten(1).any(1).double().mean()

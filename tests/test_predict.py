@@ -160,3 +160,23 @@ def test_command_line_exit_status(checkpoint, inputs, tmp_path):
     assert failed.returncode == 1, failed.stderr
     assert "broken.png" in failed.stdout + failed.stderr
     assert len(_rows(tmp_path / "out")) == 4
+
+
+def test_threshold_override_applies_another_nfa_mode(checkpoint, inputs, tmp_path):
+    tree = _rows_of(_predict_ok(checkpoint, inputs, tmp_path / "tree"))
+    block = _rows_of(_predict_ok(checkpoint, inputs, tmp_path / "block", "threshold=nfa_block"))
+    assert [r["score"] for r in tree] == [r["score"] for r in block]  # same maps
+    assert [r["max_neg_log10_nfa"] for r in tree] != [r["max_neg_log10_nfa"] for r in block]
+    resolved = (tmp_path / "block" / "run" / "config_resolved.yaml").read_text()
+    assert "NFABlockThreshold" in resolved
+    with pytest.raises(ValueError, match="must be calibrated on held-out images"):
+        _predict(checkpoint, inputs, tmp_path / "quantile", "threshold=normal_quantile")
+
+
+def _predict_ok(ckpt: Path, input_: Path, out: Path, *extra: str) -> Path:
+    _predict(ckpt, input_, out, *extra)
+    return out
+
+
+def _rows_of(out: Path) -> list[dict]:
+    return sorted(_rows(out), key=lambda r: r["path"])

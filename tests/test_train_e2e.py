@@ -137,6 +137,22 @@ def test_evaluate_reproduces_the_test_metrics_of_training(tmp_path):
         assert value == pytest.approx(trained[key], rel=1e-6, nan_ok=True), key
 
 
+def test_evaluate_rethresholds_a_checkpoint_without_retraining(tmp_path):
+    from uflow_exp.tasks.evaluate import evaluate
+
+    root = fake_layouts.make_mvtec(tmp_path / "data", n_train=6, size=64)
+    data = ["dataset=mvtec", f"dataset.root={root}", "dataset.num_workers=0"]
+    quantile = train(compose_train([*TINY, *data, "threshold=normal_quantile"], tmp_path / "quantile"))
+    train(compose_train([*TINY, *data, "threshold=nfa_tree"], tmp_path / "nfa"))
+    ckpt = tmp_path / "nfa" / "checkpoints" / "last.ckpt"
+    rethresholded = [*data, "logger=csv", "trainer=cpu", f"ckpt_path={ckpt}", "threshold=normal_quantile"]
+    evaluated = evaluate(compose_train(rethresholded, tmp_path / "eval", "eval"))
+    # calibrated on the same validation images by the same weights: what training with it gave
+    for key in ("test/miou", "test/pixel_f1", "test/false_alarm_rate", "test/detection_recall"):
+        assert evaluated[key] == pytest.approx(quantile[key], rel=1e-6, nan_ok=True), key
+    assert "NormalQuantileThreshold" in (tmp_path / "eval" / "config_resolved.yaml").read_text()
+
+
 def test_evaluate_takes_a_checkpoint_of_the_authors_release(tmp_path):
     import argparse
 

@@ -43,6 +43,9 @@ METRICS = {
     "test/pixel_auroc": "pixel AUROC (%)",
     "test/pixel_aupro": "AUPRO (%)",
     "test/miou": "mIoU (%)",
+    "test/best_miou": "oracle mIoU (%)",
+    "test/false_alarm_rate": "false alarms (%)",
+    "test/detection_recall": "detection recall (%)",
 }
 COLUMNS = [
     "job",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torchmetrics.aggregation import SumMetric
-from torchmetrics.classification import BinaryF1Score
+from torchmetrics.classification import BinaryF1Score, BinaryStatScores
 
 from uflow_exp.metrics.image import ImageAUROC
 from uflow_exp.metrics.pixel import DEFAULT_N_BINS, DEFAULT_WARN_BOUND, BestMIoU, PixelAUPRO, PixelAUROC
@@ -13,7 +13,9 @@ from uflow_exp.metrics.segmentation import SegmentationMIoU
 
 
 class AnomalyMetrics(nn.Module):
-    """Image AUROC, pixel AUROC, pixel AUPRO@0.3, oracle mIoU and, given segmentations, mIoU and pixel F1.
+    """Image AUROC, pixel AUROC, pixel AUPRO@0.3, oracle mIoU and, given segmentations, mIoU, pixel F1
+    and the operating point of "any pixel detected" as an image decision: its false-alarm rate on
+    normal images, its precision and recall on anomalous ones, and the mIoU over anomalous images alone.
 
     Inputs per batch: ``anomaly_map`` (B, 1, H, W) float in [0, 1], ``gt_mask`` (B, 1, H, W) bool or 0/1 at
     the same size, ``labels`` (B,) 1 for anomalous images, optionally ``has_mask`` (B,) bool (False for an
@@ -45,6 +47,9 @@ class AnomalyMetrics(nn.Module):
         # F1 = 2TP / (2TP + FP + FN) is 0/0 when nothing is anomalous and nothing is detected; scoring that
         # perfect agreement 1 matches the mIoU convention.
         self.pixel_f1 = BinaryF1Score(zero_division=1, validate_args=False)
+        # an image is called anomalous when any of its pixels is detected; counted over every image's label
+        self.detection = BinaryStatScores(validate_args=False)
+        self.miou_anomalous = SegmentationMIoU(eps=eps)
         # anomalous images with and without a mask: when none has one, pixel metrics measure nothing
         self.masked_anomalous = SumMetric()
         self.unmasked_anomalous = SumMetric()
@@ -65,6 +70,9 @@ class AnomalyMetrics(nn.Module):
         elif self._with_segmentation != with_segmentation:
             raise ValueError("segmentation must be given for every batch of a run or for none")
         self.image_auroc.update(anomaly_map, labels)
+        if segmentation is not None:
+            detected = segmentation.flatten(1).any(dim=1).long()
+            self.detection.update(detected, labels.to(detected.device).long())
         keep = torch.ones(len(labels), dtype=torch.bool) if has_mask is None else has_mask.bool()
         keep, anomalous = keep.to(anomaly_map.device), labels.to(anomaly_map.device).bool()
         self.unmasked_anomalous.update((anomalous & ~keep).sum().float())
@@ -79,13 +87,16 @@ class AnomalyMetrics(nn.Module):
         self.best_miou.update(anomaly_map, gt_mask)
         if segmentation is not None:
             self.miou.update(segmentation, gt_mask)
+            if labels.any():
+                self.miou_anomalous.update(segmentation[labels.bool()], gt_mask[labels.bool()])
             self.pixel_f1.update(segmentation.flatten().long(), gt_mask.flatten().long())
 
     def compute(self) -> dict[str, float]:
         metrics = {"image_auroc": self.image_auroc}
+        values = self._detection_rates() if self._with_segmentation else {}
         if self.masked_anomalous.compute() == 0 and self.unmasked_anomalous.compute() > 0:
             # image-level labels only: there is no pixel truth to score
-            return {name: float(metric.compute()) for name, metric in metrics.items()}
+            return values | {name: float(metric.compute()) for name, metric in metrics.items()}
         metrics |= {
             "pixel_auroc": self.pixel_auroc,
             "pixel_aupro": self.pixel_aupro,
@@ -93,7 +104,20 @@ class AnomalyMetrics(nn.Module):
         }
         if self._with_segmentation:
             metrics |= {"miou": self.miou, "pixel_f1": self.pixel_f1}
-        return {name: float(metric.compute()) for name, metric in metrics.items()}
+            if self.masked_anomalous.compute() > 0:
+                metrics["miou_anomalous"] = self.miou_anomalous
+        return values | {name: float(metric.compute()) for name, metric in metrics.items()}
+
+    def _detection_rates(self) -> dict[str, float]:
+        """False-alarm rate (normal images with any detection), precision and recall of "any pixel
+        detected"; NaN where undefined (no normal images, no detections, no anomalous images)."""
+        tp, fp, tn, fn, _ = (float(x) for x in self.detection.compute())
+        ratio = lambda num, den: num / den if den else float("nan")  # noqa: E731
+        return {
+            "false_alarm_rate": ratio(fp, fp + tn),
+            "detection_precision": ratio(tp, tp + fp),
+            "detection_recall": ratio(tp, tp + fn),
+        }
 
     def curves(self) -> dict[str, tuple[Tensor, Tensor]]:
         """The pixel ROC (``roc``: FPR, TPR) and PRO (``pro``: FPR, PRO) curves, synced across processes
@@ -114,6 +138,8 @@ class AnomalyMetrics(nn.Module):
             self.best_miou,
             self.miou,
             self.pixel_f1,
+            self.detection,
+            self.miou_anomalous,
             self.masked_anomalous,
             self.unmasked_anomalous,
         ):

@@ -29,17 +29,27 @@ def read_checkpoint(path: Path, trusted: bool) -> dict:
         ) from err
 
 
+# the reference's threshold, for the authors' checkpoints when no threshold= is given
+REFERENCE_THRESHOLD = {"_target_": "uflow_exp.thresholds.NFATreeThreshold", "log_nfa_threshold": 0.0}
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Test metrics of ``cfg.ckpt_path`` on ``cfg.dataset``, thresholded with the checkpoint's mode or,
+    given ``threshold=<mode>``, with that one (a calibrated mode is calibrated on the validation split
+    first); ``config_resolved.yaml`` records the threshold that ran."""
     ckpt = Path(cfg.ckpt_path)
     checkpoint = read_checkpoint(ckpt, cfg.get("trust_checkpoint", False))
     hparams = checkpoint.get("hyper_parameters")
     ours = isinstance(hparams, dict) and isinstance(hparams.get("backbone"), dict)
+    override = cfg.get("threshold")
     with open_dict(cfg):
         if ours:  # the data set's image size follows the checkpoint
             cfg.backbone = hparams["backbone"]
+            cfg.threshold = override or hparams["threshold"]
         else:  # the authors' release: described by the config; its backbone weights are inside
             cfg.backbone.pretrained = False
             cfg.backbone.weights = None
+            cfg.threshold = override or REFERENCE_THRESHOLD
     output_dir = Path(cfg.paths.output_dir)
     print_config(cfg, output_dir / "config_resolved.yaml")
     if cfg.get("seed") is not None:
@@ -49,6 +59,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     datamodule.prepare_data()
     if ours:
         model = UFlowModule.from_checkpoint(str(ckpt))
+        if override is not None:
+            model.replace_threshold(cfg.threshold)
     else:
         model = hydra.utils.instantiate(cfg.model)
         model.model.load_reference_state_dict(checkpoint, require_backbone=True)
@@ -56,6 +68,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, logger=instantiate_dict(cfg.get("logger")) or False
     )
+    if override is not None and model.threshold.needs_calibration:
+        log.info("Calibrating threshold %s on the validation split", cfg.threshold["_target_"])
+        trainer.validate(model, datamodule=datamodule)
     trainer.test(model, datamodule=datamodule)
     metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     if trainer.is_global_zero:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from PIL import Image, ImageDraw, ImageFont
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Dataset, default_collate
@@ -201,10 +201,19 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     names = output_names(files)
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
-    print_config(cfg, Path(cfg.paths.output_dir) / "config_resolved.yaml")
-
     device = _device(cfg.device)
     module = UFlowModule.from_checkpoint(str(ckpt), map_location=device).eval()
+    if cfg.get("threshold"):
+        module.replace_threshold(cfg.threshold)
+        if module.threshold.needs_calibration:
+            raise ValueError(
+                f"threshold={cfg.threshold['_target_']} must be calibrated on held-out images, which "
+                "predict does not have: run `python -m uflow_exp.evaluate ckpt_path=... threshold=...` "
+                "on the data set, or predict with an NFA mode (threshold=nfa_tree or nfa_block)"
+            )
+    with open_dict(cfg):
+        cfg.threshold = dict(module.hparams.threshold)  # what ran, in config_resolved.yaml
+    print_config(cfg, Path(cfg.paths.output_dir) / "config_resolved.yaml")
     threshold = module.threshold
     nfa = isinstance(threshold, (NFATreeThreshold, NFABlockThreshold))
     level = float(threshold.value) if hasattr(threshold, "value") else None  # calibrated modes: a map value

@@ -89,6 +89,12 @@ class UFlowModule(L.LightningModule):
         backbone = {**hparams["backbone"], "pretrained": False, "weights": None}
         return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True, backbone=backbone)
 
+    def replace_threshold(self, config: dict) -> None:
+        """Threshold with another mode (a ``_target_`` config) from now on; the hyper-parameters, and so
+        a checkpoint saved later, record it. A calibrated mode needs a validation pass before it segments."""
+        self.threshold = hydra.utils.instantiate(_plain(config)).to(self.device)
+        self.hparams.threshold = _plain(config)
+
     def on_fit_start(self) -> None:
         """Open the feature cache: the model is on its device and the datamodule set up by now."""
         if self._feature_cache_mode == "off":

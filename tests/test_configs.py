@@ -105,7 +105,7 @@ def test_default_is_the_real_data_recipe_on_embedded_data(tmp_path):
     )
     assert (cfg.flow.feature_noise, cfg.flow.train_norm_affine) == (0.3, False)
     assert cfg.model.optimizer.lr == pytest.approx(2e-3)
-    assert cfg.threshold._target_.endswith("NormalQuantileThreshold")
+    assert cfg.threshold._target_.endswith("NFABlockThreshold")
     # the recipe does not depend on the data set: a user's own data gets it too
     mvtec = compose_train(["dataset=mvtec", "dataset.root=/data"], tmp_path)
     assert (mvtec.flow, mvtec.model.optimizer, mvtec.backbone) == (

@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pytest
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from tests import fake_layouts
 from tests.framework_helpers import TINY, compose_train
@@ -49,7 +49,9 @@ def test_resume_from_last_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
             assert resumed[key] == pytest.approx(straight[key], rel=1e-5, nan_ok=True), key
 
 
-def run_cli(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], cwd: Path, timeout: int = 900, returncode: int = 0
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "PROJECT_ROOT": str(cwd), "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
     result = subprocess.run(
         [sys.executable, "-m", "uflow_exp", *args],
@@ -59,7 +61,7 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.Comple
         text=True,
         timeout=timeout,
     )
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == returncode, result.stderr[-4000:]
     return result
 
 
@@ -81,10 +83,12 @@ def test_multirun_of_two_experiments_keeps_each_result(tmp_path):
 @pytest.mark.slow
 def test_a_failing_job_does_not_lose_the_others(tmp_path):
     root = fake_layouts.make_mvtec(tmp_path / "mvtec", n_train=6, size=64)
-    run_cli(["-m", f"dataset.root={root},{tmp_path / 'missing'}", *CLI_TINY, "dataset=mvtec"], tmp_path)
+    roots = f"dataset.root={tmp_path / 'missing'},{root}"  # the failing job first: the next one still runs
+    result = run_cli(["-m", roots, *CLI_TINY, "dataset=mvtec"], tmp_path, returncode=1)
     sweep = next((tmp_path / "logs" / "train" / "multiruns").glob("*"))
-    assert (sweep / "0" / "metrics.json").is_file()
-    assert "missing" in (sweep / "1" / "error.txt").read_text()
+    assert "missing" in (sweep / "0" / "error.txt").read_text()
+    assert (sweep / "1" / "metrics.json").is_file()
+    assert "1 job(s) of the multirun" in result.stderr and f"{sweep / '0'}:" in result.stderr
 
 
 @pytest.mark.slow
@@ -106,6 +110,42 @@ def test_optuna_search_runs_two_trials(tmp_path):
     assert len(list(sweep.glob("*/metrics.json"))) == 2
     best = (sweep / "optimization_results.yaml").read_text()
     assert "best_params" in best and "model.optimizer.lr" in best
+
+
+@pytest.mark.slow
+def test_optuna_search_records_a_failed_trial_and_goes_on(tmp_path):
+    root = fake_layouts.make_mvtec(tmp_path / "mvtec", n_train=6, size=64)
+    missing = tmp_path / "missing"
+    # the search space gets a data root that does not exist; the sampler's seed 5 draws it for trial 1
+    # of 3, so the search must go on after a failure
+    search = tmp_path / "conf" / "hparams_search"
+    search.mkdir(parents=True)
+    (search / "optuna_with_failures.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - optuna\n"
+        f"hydra:\n  sweeper:\n    params:\n      dataset.root: choice({root}, {missing})\n"
+    )
+    result = run_cli(
+        [
+            f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+            "hparams_search=optuna_with_failures",
+            "hydra.sweeper.n_trials=3",
+            "hydra.sweeper.sampler.n_startup_trials=3",
+            "seed=5",
+            *CLI_TINY,
+            "dataset=mvtec",
+        ],
+        tmp_path,
+        returncode=1,
+    )
+    sweep = next((tmp_path / "logs" / "train" / "multiruns").glob("*"))
+    finished = {p.parent.name for p in sweep.glob("*/metrics.json")}
+    failed = {p.parent.name for p in sweep.glob("*/error.txt")}
+    assert (finished, failed) == ({"0", "2"}, {"1"})  # every trial ran
+    results = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert results.best_params["dataset.root"] == str(root)
+    assert {job.job for job in results.failed_jobs} == failed
+    assert all("missing" in job.error for job in results.failed_jobs)
+    assert "Values were told" not in result.stderr
 
 
 @pytest.mark.slow

@@ -1,5 +1,8 @@
 """`python -m uflow_exp [overrides]`: train and test (see conf/train.yaml)."""
 
+import logging
+import math
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -7,6 +10,7 @@ from omegaconf import DictConfig
 
 from uflow_exp.utils import CONFIG_DIR, quiet_expected_warnings, register_resolvers, run_task
 
+log = logging.getLogger("uflow_exp")
 register_resolvers()
 quiet_expected_warnings()
 
@@ -17,8 +21,15 @@ def main(cfg: DictConfig) -> float | None:
 
     metrics = run_task(train, cfg, multirun=HydraConfig.get().mode == RunMode.MULTIRUN)
     name = cfg.get("optimized_metric")
-    # what a sweeper optimises (NaN for a failed job, which Optuna records as a failed trial)
-    return metrics.get(name, float("nan")) if name else None
+    if not name:
+        return None
+    value = metrics.get(name)
+    if value is None or not math.isfinite(value):
+        # A value that is not a float makes the Optuna sweeper record a failed trial and go on; NaN
+        # would not (optuna 2.10 fails the trial inside `tell`, and the sweeper's second `tell` raises).
+        log.error("%s is %s for this job: the sweeper records it as failed", name, value)
+        return None
+    return value
 
 
 if __name__ == "__main__":

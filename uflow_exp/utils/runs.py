@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -80,3 +81,35 @@ def _finish_wandb() -> None:
         return
     if wandb.run is not None:
         wandb.finish()
+
+
+class SweepReport(Callback):
+    """At the end of a multirun: lists the jobs that failed, adds them to Optuna's
+    ``optimization_results.yaml`` when there is one, and fails the command (exit code 1) so that a
+    scheduler does not record a partly failed sweep as a success. The other jobs all ran first
+    (``run_task`` keeps a failing job from ending the sweep)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        failed = sorted(
+            (p.parent for p in sweep_dir.glob("*/error.txt")),
+            key=lambda p: (int(p.name), "") if p.name.isdigit() else (-1, p.name),  # job numbers in order
+        )
+        if not failed:
+            return
+        results = sweep_dir / "optimization_results.yaml"
+        if results.is_file():
+            summary = OmegaConf.load(results)
+            summary.failed_jobs = [{"job": p.name, "error": _last_line(p / "error.txt")} for p in failed]
+            OmegaConf.save(summary, results)
+        lines = "\n".join(f"  {p}: {_last_line(p / 'error.txt')}" for p in failed)
+        # SystemExit, not an exception: Hydra turns a callback's exceptions into warnings
+        raise SystemExit(
+            f"{len(failed)} job(s) of the multirun in {sweep_dir} failed (tracebacks in their "
+            f"error.txt); the others finished:\n{lines}"
+        )
+
+
+def _last_line(path: Path) -> str:
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return lines[-1] if lines else ""

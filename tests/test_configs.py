@@ -150,3 +150,15 @@ def test_unknown_option_fails_at_composition(tmp_path):
 
     with pytest.raises(ConfigCompositionException, match="no_such_backbone"):
         compose_train(["backbone=no_such_backbone"], tmp_path)
+
+
+def test_the_trainer_keys_users_tune_override_without_plus(tmp_path):
+    overrides = [
+        "trainer.limit_train_batches=2",
+        "trainer.val_check_interval=0.5",
+        "trainer.gradient_clip_val=1",
+    ]
+    cfg = compose_train(overrides, tmp_path)
+    assert (cfg.trainer.limit_train_batches, cfg.trainer.val_check_interval) == (2, 0.5)
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
+    assert (trainer.limit_train_batches, trainer.gradient_clip_val) == (2, 1)

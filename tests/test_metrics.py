@@ -144,6 +144,15 @@ def test_inverted_maps_score_zero():
     assert set(result) == {"image_auroc", "pixel_auroc", "pixel_aupro", "best_miou"}
 
 
+def test_image_auroc_of_a_perfect_ranking_is_exactly_one():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.cat([torch.zeros(10), torch.ones(20)]).long()
+    scores = torch.rand(30, generator=g) * 0.5 + labels * 0.5  # torchmetrics alone gives 1.0000001 here
+    metric = ImageAUROC()
+    metric.update(scores.view(-1, 1, 1, 1), labels)
+    assert metric.compute().item() == 1.0
+
+
 def test_image_auroc_uses_the_max_score():
     maps = torch.full((4, 1, 8, 8), 0.2)
     gt = torch.zeros(4, 1, 8, 8, dtype=torch.bool)

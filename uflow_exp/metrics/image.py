@@ -48,4 +48,5 @@ class ImageAUROC(Metric):
         n_anomalous = int(labels.sum())
         if n_anomalous in (0, labels.numel()):
             return warn_undefined("Image AUROC", "the test images are not a mix of anomalous and normal ones")
-        return binary_auroc(scores, labels, validate_args=False)
+        # torchmetrics' float32 trapezoid can overshoot by an ulp (1.0000001 on 10 + 20 perfect images)
+        return binary_auroc(scores, labels, validate_args=False).clamp(0.0, 1.0)

@@ -2,9 +2,11 @@
 
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -219,3 +221,24 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path):
                 logged[item.key or "/".join(item.nested_key)] = float(value)
     for key in ("test/pixel_auroc", "test/image_auroc", "val/loss"):
         assert logged[key] == pytest.approx(expected[key], rel=1e-6), key
+
+
+@pytest.mark.slow
+def test_sigterm_exits_non_zero_and_says_how_to_resume(tmp_path):
+    root = fake_layouts.make_mvtec(tmp_path / "mvtec", n_train=6, size=64)
+    env = {**os.environ, "PROJECT_ROOT": str(tmp_path), "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
+    cli = [o for o in CLI_TINY if not o.startswith(("callbacks=", "trainer.max_epochs"))]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uflow_exp", *cli, "~callbacks.progress_bar", "~callbacks.model_summary",
+         "~callbacks.early_stopping", "dataset=mvtec", f"dataset.root={root}", "trainer.max_epochs=500"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    runs = tmp_path / "logs" / "train" / "runs"
+    deadline = time.monotonic() + 300
+    while not list(runs.glob("*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
+        time.sleep(0.5)  # the first epoch's checkpoint: something to resume from
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 143, out[-3000:]
+    (last,) = runs.glob("*/checkpoints/last.ckpt")
+    assert f"ckpt_path={last}" in out and "stopped by SIGTERM" in out

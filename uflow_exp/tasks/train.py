@@ -8,6 +8,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from uflow_exp.utils import (
@@ -20,6 +21,9 @@ from uflow_exp.utils import (
 
 log = logging.getLogger(__name__)
 
+# the shell's status for a process ended by SIGTERM (128 + 15), so a scheduler sees the interruption
+SIGTERM_EXIT_CODE = 143
+
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     if cfg.ckpt_path in (None, ""):
@@ -27,6 +31,19 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     if cfg.ckpt_path == "last":
         return str(find_last_checkpoint(Path(cfg.paths.log_dir), cfg.task_name))
     return str(require_checkpoint(cfg.ckpt_path))
+
+
+def _interrupted_message(trainer: L.Trainer) -> str:
+    """What a SIGTERM'd run tells its user: where it stopped and how to resume."""
+    last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
+    if last:
+        how = (
+            f"resume from the last finished epoch with the same command plus ckpt_path={last} "
+            "(the interrupted epoch is lost)"
+        )
+    else:
+        how = "no epoch had finished, so there is no checkpoint to resume from: run the command again"
+    return f"Training stopped by SIGTERM at epoch {trainer.current_epoch}; {how}"
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -51,7 +68,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics: dict = {}
     if cfg.get("train"):
         start = time.perf_counter()
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        try:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        except SIGTERMException:  # Lightning stops after the current batch; its exit status would be 0
+            log.error(_interrupted_message(trainer))
+            raise SystemExit(SIGTERM_EXIT_CODE) from None
         metrics |= {k: v for k, v in trainer.callback_metrics.items() if not k.startswith("test/")}
         metrics["time/fit_s"] = time.perf_counter() - start
     if cfg.get("test"):

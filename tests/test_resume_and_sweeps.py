@@ -224,6 +224,34 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path):
 
 
 @pytest.mark.slow
+def test_sweep_jobs_get_wandb_names_and_summary_columns_of_their_overrides(tmp_path):
+    from uflow_exp.summarize import collect, summary_rows
+
+    root = fake_layouts.make_mvtec(tmp_path / "mvtec", n_train=6, size=64)
+    cli = [o for o in CLI_TINY if not o.startswith("logger=")]
+    sweep_args = [
+        "-m",
+        "model.optimizer.lr=1e-3,2e-3",
+        "logger=wandb",
+        "dataset=mvtec",
+        f"dataset.root={root}",
+    ]
+    run_cli([*sweep_args, *cli], tmp_path)
+    sweep = next((tmp_path / "logs" / "train" / "multiruns").glob("*"))
+    names = {}
+    for job in ("0", "1"):
+        (run_file,) = (sweep / job).glob("wandb/offline-run-*/run-*.wandb")
+        runs = [r.run for r in read_wandb_records(run_file) if r.WhichOneof("record_type") == "run"]
+        names[job] = runs[0].display_name
+    assert names["0"].startswith("train-mvtec-bottle-0 ") and "model.optimizer.lr=0.001" in names["0"]
+    assert names["1"].startswith("train-mvtec-bottle-1 ") and "model.optimizer.lr=0.002" in names["1"]
+    assert str(root) not in names["0"]  # paths are left out of the name
+    rows = summary_rows(collect(sweep))
+    assert [r.overrides for r in rows[:2]] == ["model.optimizer.lr=0.001", "model.optimizer.lr=0.002"]
+    assert all(r.val_loss is not None for r in rows[:2]) and rows[-1].mean_of == "2 of 2 finished"
+
+
+@pytest.mark.slow
 def test_sigterm_exits_non_zero_and_says_how_to_resume(tmp_path):
     root = fake_layouts.make_mvtec(tmp_path / "mvtec", n_train=6, size=64)
     env = {**os.environ, "PROJECT_ROOT": str(tmp_path), "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}

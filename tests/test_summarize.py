@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,10 +21,19 @@ FileNotFoundError: no MVTec images under data/mvtec/grid | check dataset.root
 
 
 def write_job(
-    folder: Path, dataset: str, category: str, backbone: str, metrics: dict | None, error: str = ""
+    folder: Path,
+    dataset: str,
+    category: str,
+    backbone: str,
+    metrics: dict | None,
+    error: str = "",
+    overrides: tuple[str, ...] = (),
 ) -> None:
-    """A job folder as train.py leaves it: config_resolved.yaml, then metrics.json or error.txt."""
+    """A job folder as train.py leaves it: config_resolved.yaml and Hydra's .hydra/overrides.yaml,
+    then metrics.json or error.txt."""
     folder.mkdir(parents=True)
+    (folder / ".hydra").mkdir()
+    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
     config = {
         "task_name": "train",
         "dataset": {"name": dataset, "category": category, "image_size": 256},
@@ -34,7 +44,7 @@ def write_job(
     if metrics is None:
         (folder / "error.txt").write_text(error)
     else:
-        (folder / "metrics.json").write_text(json.dumps({"train/loss": -5.0, **metrics}))
+        (folder / "metrics.json").write_text(json.dumps({"train/loss": -5.0, "val/loss": -4.5, **metrics}))
 
 
 def metrics(image: float, pixel: float, aupro: float, miou: float | None) -> dict:
@@ -51,10 +61,14 @@ def mvtec_sweep(tmp_path: Path) -> Path:
     """A multirun of four MVTec jobs: three finished (one with a NaN mIoU, stored as null), one failed.
     Job 10 checks that job folders sort as numbers."""
     sweep = tmp_path / "multiruns" / "2026-01-01_00-00-00"
-    write_job(sweep / "0", "mvtec", "bottle", "resnet18", metrics(0.95, 0.97, 0.90, 0.40))
-    write_job(sweep / "1", "mvtec", "carpet", "resnet18", metrics(0.85, 0.99, 0.80, None))
-    write_job(sweep / "2", "mvtec", "grid", "resnet18", None, error=TRACEBACK)
-    write_job(sweep / "10", "mvtec", "screw", "resnet18", metrics(0.75, 0.94, 0.70, 0.20))
+    for job, category, result in (
+        ("0", "bottle", metrics(0.95, 0.97, 0.90, 0.40)),
+        ("1", "carpet", metrics(0.85, 0.99, 0.80, None)),
+        ("2", "grid", None),
+        ("10", "screw", metrics(0.75, 0.94, 0.70, 0.20)),
+    ):
+        swept = ("logger=csv", f"experiment=mvtec_{category}")  # logger=csv is the same in every job
+        write_job(sweep / job, "mvtec", category, "resnet18", result, error=TRACEBACK, overrides=swept)
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
     return sweep
 
@@ -94,8 +108,11 @@ def test_csv_rows_means_and_paper_column(mvtec_sweep: Path, tmp_path: Path):
         == "failed: FileNotFoundError: no MVTec images under data/mvtec/grid | check dataset.root"
     )
 
+    assert bottle["overrides"] == "experiment=mvtec_bottle" and float(bottle["val/loss"]) == -4.5
+
     mean = rows["mean"]
-    assert mean["category"] == "3 of 4 finished"
+    assert mean["category"] == ""  # the categories differ
+    assert mean["status"] == "3 of 4 finished"
     assert float(mean["image AUROC (%)"]) == pytest.approx((95 + 85 + 75) / 3, abs=1e-4)
     assert float(mean["pixel AUROC (%)"]) == pytest.approx((97 + 99 + 94) / 3, abs=1e-4)
     assert float(mean["AUPRO (%)"]) == pytest.approx((90 + 80 + 70) / 3, abs=1e-4)
@@ -103,31 +120,43 @@ def test_csv_rows_means_and_paper_column(mvtec_sweep: Path, tmp_path: Path):
     # The paper's mean over the same finished categories (bottle, carpet, screw), not over all 15.
     assert float(mean["paper pixel AUROC (%)"]) == pytest.approx((97.98 + 99.45 + 99.25) / 3, abs=1e-4)
     assert float(mean["Δ pixel AUROC (pp)"]) == pytest.approx(290 / 3 - 296.68 / 3, abs=1e-4)
-    assert mean["status"] == ""
+
+
+def markdown_rows(markdown: str) -> dict[str, dict[str, str]]:
+    """The table's rows by job, each cell under its column header (escaped | kept escaped)."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+
+    def cells(line: str) -> list[str]:
+        return [c.strip() for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
+
+    header = cells(lines[0])
+    assert all(len(cells(line)) == len(header) for line in lines[2:])  # no cell split by an error text
+    return {cells(line)[0]: dict(zip(header, cells(line), strict=True)) for line in lines[2:]}
 
 
 def test_markdown(mvtec_sweep: Path):
     markdown, _ = summarize(mvtec_sweep, mvtec_sweep)
     assert (mvtec_sweep / "summary.md").read_text() == markdown
-    lines = markdown.splitlines()
-    assert lines[0].startswith("| job | dataset | category | backbone | threshold | image AUROC (%) |")
-    assert (
-        "| 0 | mvtec | bottle | resnet18 | nfa_tree | 95.00 | 97.00 | 90.00 | 40.00 |  |  |  | "
-        "97.98 | -0.98 | ok |" in lines
+    rows = markdown_rows(markdown)
+    assert list(rows) == ["0", "1", "2", "10", "mean"]
+    bottle = rows["0"]
+    assert [bottle[k] for k in ("dataset", "category", "backbone", "threshold", "overrides", "val/loss")] == [
+        "mvtec", "bottle", "resnet18", "nfa_tree", "experiment=mvtec_bottle", "-4.50"
+    ]  # fmt: skip
+    assert [bottle[k] for k in ("image AUROC (%)", "pixel AUROC (%)", "AUPRO (%)", "mIoU (%)")] == [
+        "95.00", "97.00", "90.00", "40.00"
+    ]  # fmt: skip
+    assert (bottle["paper pixel AUROC (%)"], bottle["Δ pixel AUROC (pp)"], bottle["status"]) == (
+        "97.98", "-0.98", "ok"
+    )  # fmt: skip
+    assert rows["1"]["mIoU (%)"] == ""  # NaN stays empty
+    assert rows["2"]["status"] == (
+        "failed: FileNotFoundError: no MVTec images under data/mvtec/grid \\| check dataset.root"
     )
-    assert (
-        "| 1 | mvtec | carpet | resnet18 | nfa_tree | 85.00 | 99.00 | 80.00 |  |  |  |  | "
-        "99.45 | -0.45 | ok |" in lines
-    )
-    # The | inside the error message is escaped so the row keeps its 15 cells.
-    assert (
-        "| 2 | mvtec | grid | resnet18 | nfa_tree |  |  |  |  |  |  |  | 98.19 |  | "
-        "failed: FileNotFoundError: no MVTec images under data/mvtec/grid \\| check dataset.root |" in lines
-    )
-    assert (
-        "| mean | mvtec | 3 of 4 finished | resnet18 | nfa_tree "
-        "| 85.00 | 96.67 | 80.00 | 30.00 |  |  |  | 98.89 | -2.23 |  |" in lines
-    )
+    mean = rows["mean"]
+    assert (mean["category"], mean["pixel AUROC (%)"], mean["mIoU (%)"], mean["status"]) == (
+        "", "96.67", "30.00", "3 of 4 finished"
+    )  # fmt: skip
     assert "the paper states a mean of 98.74, while its 15 category values average 98.34" in markdown
 
 
@@ -159,8 +188,10 @@ def test_single_run_folder(tmp_path: Path):
     run = tmp_path / "runs" / "2026-01-01_00-00-00"
     write_job(run, "textures", "brick", "efficientnet_lite0", metrics(0.98, 0.9756, 0.9469, 0.2403))
     markdown, _ = summarize(run, run)
-    row = "| . | textures | brick | efficientnet_lite0 | nfa_tree | 98.00 | 97.56 | 94.69 | 24.03 |  |  |  |  |  | ok |"  # noqa: E501
-    assert row in markdown.splitlines()
+    row = markdown_rows(markdown)["."]
+    assert (row["category"], row["overrides"], row["pixel AUROC (%)"], row["status"]) == (
+        "brick", "", "97.56", "ok"
+    )  # fmt: skip
     assert "Paper:" not in markdown
 
 
@@ -189,7 +220,7 @@ def test_cli(mvtec_sweep: Path, tmp_path: Path):
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert "| mean | mvtec | 3 of 4 finished |" in result.stdout
+    assert markdown_rows(result.stdout)["mean"]["status"] == "3 of 4 finished"
     assert f"wrote {out / 'summary.csv'}" in result.stdout
     assert sorted(p.name for p in out.iterdir()) == ["summary.csv", "summary.md", "summary_pixel_auroc.png"]
 

@@ -53,6 +53,8 @@ COLUMNS = [
     "category",
     "backbone",
     "threshold",
+    "overrides",
+    "val/loss",
     *METRICS.values(),
     "paper pixel AUROC (%)",
     "Δ pixel AUROC (pp)",
@@ -68,10 +70,14 @@ class Row:
     category: str = ""
     backbone: str = ""
     threshold: str = ""
+    overrides: str = ""  # the job's command-line overrides that differ between the jobs
+    val_loss: float | None = None
     metrics: dict[str, float | None] | None = None  # percent; None for a failed job
     paper: float | None = None
     error: str = ""
     is_mean: bool = False
+    mean_of: str = ""  # a mean row: "3 of 4 finished"
+    job_overrides: tuple[str, ...] = ()  # every override of the job, as Hydra recorded it
 
     @property
     def finished(self) -> bool:
@@ -85,7 +91,7 @@ class Row:
     @property
     def status(self) -> str:
         if self.is_mean:
-            return ""
+            return self.mean_of
         return f"failed: {self.error}" if self.error else "ok"
 
 
@@ -111,6 +117,7 @@ def _read_job(job_dir: Path, root: Path) -> Row:
         category=str(dataset_cfg.get("category") or ""),
         backbone=str((cfg.get("backbone") or {}).get("name", "")),
         threshold=_threshold_name(cfg),
+        job_overrides=tuple(_overrides_of(job_dir)),
     )
     if row.dataset == "mvtec":
         row.paper = PAPER_PIXEL_AUROC.get(row.category)
@@ -119,19 +126,31 @@ def _read_job(job_dir: Path, root: Path) -> Row:
     if metrics_path.is_file():
         raw = json.loads(metrics_path.read_text())
         row.metrics = {key: None if raw.get(key) is None else 100.0 * raw[key] for key in METRICS}
+        row.val_loss = raw.get("val/loss")
     else:
         lines = [line.strip() for line in (job_dir / "error.txt").read_text().splitlines() if line.strip()]
         row.error = lines[-1] if lines else "error.txt is empty"
     return row
 
 
+def _overrides_of(job_dir: Path) -> list[str]:
+    """The job's command-line overrides, from the ``.hydra/overrides.yaml`` Hydra writes beside it."""
+    path = job_dir / ".hydra" / "overrides.yaml"
+    return [str(o) for o in (yaml.safe_load(path.read_text()) or [])] if path.is_file() else []
+
+
 def collect(root: Path) -> list[Row]:
-    """One row per job folder below ``root`` (or ``root`` itself) holding metrics.json or error.txt."""
+    """One row per job folder below ``root`` (or ``root`` itself) holding metrics.json or error.txt;
+    each row's ``overrides`` are those of its overrides whose value is not the same in every job."""
     job_dirs = {path.parent for name in ("metrics.json", "error.txt") for path in root.rglob(name)}
-    return [
+    rows = [
         _read_job(d, root)
         for d in sorted(job_dirs, key=lambda d: _natural_key(d.relative_to(root).as_posix()))
     ]
+    everywhere = set.intersection(*(set(r.job_overrides) for r in rows)) if len(rows) > 1 else set()
+    for row in rows:
+        row.overrides = " ".join(o for o in row.job_overrides if o not in everywhere)
+    return rows
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -160,7 +179,9 @@ def mean_row(rows: Sequence[Row], label: str) -> Row:
         dataset=common("dataset"),
         backbone=common("backbone"),
         threshold=common("threshold"),
-        category=f"{len(finished)} of {len(rows)} finished",
+        category=common("category"),
+        mean_of=f"{len(finished)} of {len(rows)} finished",
+        val_loss=_mean([r.val_loss for r in finished]),
         metrics=metrics,
         paper=paper,
         is_mean=True,
@@ -188,12 +209,15 @@ def _cells(row: Row, decimals: int) -> list[str]:
 
     metrics = row.metrics or {}
     values = [number(metrics.get(key)) for key in METRICS]
+    val_loss = "" if row.val_loss is None else f"{row.val_loss:.{decimals}f}"
     return [
         row.job,
         row.dataset,
         row.category,
         row.backbone,
         row.threshold,
+        row.overrides,
+        val_loss,
         *values,
         number(row.paper),
         number(row.delta),
@@ -327,6 +351,8 @@ def log_wandb(rows: Sequence[Row], root: Path, out: Path, chart: Path) -> None:
             row.category,
             row.backbone,
             row.threshold,
+            row.overrides,
+            row.val_loss,
             *(metrics.get(key) for key in METRICS),
             row.paper,
             row.delta,

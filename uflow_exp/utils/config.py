@@ -38,9 +38,23 @@ def _sweep_group() -> str | None:
     return Path(hydra_cfg.sweep.dir).name
 
 
+def _job_overrides() -> str:
+    """A multirun job's own command-line overrides (paths left out), e.g. ``-3 model.optimizer.lr=0.001``,
+    so that a sweep's W&B runs can be told apart by name; empty for a single run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return ""
+    hydra_cfg = HydraConfig.get()
+    shown = [o for o in hydra_cfg.overrides.task if "/" not in o.partition("=")[2]]
+    return f"-{hydra_cfg.job.num} {' '.join(shown)}"[:120].rstrip()
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("uflow_wandb_offline", _wandb_offline, replace=True)
     OmegaConf.register_new_resolver("uflow_sweep_group", _sweep_group, replace=True)
+    OmegaConf.register_new_resolver("uflow_job_overrides", _job_overrides, replace=True)
 
 
 def print_config(cfg: DictConfig, path: Path | None = None) -> None:

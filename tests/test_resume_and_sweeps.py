@@ -270,3 +270,24 @@ def test_sigterm_exits_non_zero_and_says_how_to_resume(tmp_path):
     assert process.returncode == 143, out[-3000:]
     (last,) = runs.glob("*/checkpoints/last.ckpt")
     assert f"ckpt_path={last}" in out and "stopped by SIGTERM" in out
+
+
+def test_ckpt_path_last_stays_within_the_experiment(tmp_path):
+    from uflow_exp.utils import find_last_checkpoint
+
+    def run(folder: str, dataset: str, category: str | None, age: int) -> Path:
+        ckpt = tmp_path / "train" / folder / "checkpoints" / "last.ckpt"
+        ckpt.parent.mkdir(parents=True)
+        ckpt.write_bytes(b"")
+        os.utime(ckpt, (time.time() - age, time.time() - age))
+        config = {"dataset": {"name": dataset, "category": category}}
+        (ckpt.parent.parent / "config_resolved.yaml").write_text(OmegaConf.to_yaml(config))
+        return ckpt
+
+    old_brick = run("runs/a", "textures", "brick", age=300)
+    new_brick = run("runs/b", "textures", "brick", age=200)
+    run("runs/c", "mvtec", "bottle", age=100)  # newer, another data set
+    run("multiruns/d/0", "textures", "brick", age=0)  # newest, a sweep's job
+    assert find_last_checkpoint(tmp_path, "train", "textures", "brick") == new_brick != old_brick
+    with pytest.raises(FileNotFoundError, match="dataset textures, category grass"):
+        find_last_checkpoint(tmp_path, "train", "textures", "grass")

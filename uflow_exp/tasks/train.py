@@ -29,7 +29,12 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     if cfg.ckpt_path in (None, ""):
         return None
     if cfg.ckpt_path == "last":
-        return str(find_last_checkpoint(Path(cfg.paths.log_dir), cfg.task_name))
+        dataset = cfg.dataset
+        return str(
+            find_last_checkpoint(
+                Path(cfg.paths.log_dir), cfg.task_name, dataset.name, dataset.get("category")
+            )
+        )
     return str(require_checkpoint(cfg.ckpt_path))
 
 

@@ -32,15 +32,31 @@ def require_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def find_last_checkpoint(log_dir: Path, task_name: str) -> Path:
-    """The newest ``last.ckpt`` of any run of ``task_name`` (for ``ckpt_path=last``)."""
+def _run_dataset(ckpt: Path) -> tuple[str | None, str | None]:
+    """(dataset name, category) of the run that wrote ``<run>/checkpoints/last.ckpt``."""
+    config = ckpt.parent.parent / "config_resolved.yaml"
+    dataset = (OmegaConf.load(config).get("dataset") or {}) if config.is_file() else {}
+    return dataset.get("name"), dataset.get("category")
+
+
+def find_last_checkpoint(log_dir: Path, task_name: str, dataset: str | None, category: str | None) -> Path:
+    """The newest ``last.ckpt`` of a single run (``<log_dir>/<task_name>/runs/``) of the same data set
+    and category (for ``ckpt_path=last``): another data set's run or a sweep's job is never taken."""
+    scope = f"task {task_name}, dataset {dataset}, category {category}"
     candidates = sorted(
-        (log_dir / task_name).glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime
+        (
+            p
+            for p in (log_dir / task_name / "runs").glob("*/checkpoints/last.ckpt")
+            if _run_dataset(p) == (dataset, category)
+        ),
+        key=lambda p: p.stat().st_mtime,
     )
     if not candidates:
         raise FileNotFoundError(
-            f"ckpt_path=last: no last.ckpt under {log_dir / task_name}; give the checkpoint's path instead"
+            f"ckpt_path=last: no last.ckpt of a run with {scope} under {log_dir / task_name / 'runs'}; "
+            "give the checkpoint's path instead"
         )
+    log.info("ckpt_path=last: resuming from %s (the newest run with %s)", candidates[-1], scope)
     return candidates[-1]
 
 

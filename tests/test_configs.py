@@ -1,5 +1,6 @@
 """Every option of every config group composes, and what it names can be built."""
 
+import os
 from pathlib import Path
 
 import hydra
@@ -162,3 +163,10 @@ def test_the_trainer_keys_users_tune_override_without_plus(tmp_path):
     assert (cfg.trainer.limit_train_batches, cfg.trainer.val_check_interval) == (2, 0.5)
     trainer = hydra.utils.instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
     assert (trainer.limit_train_batches, trainer.gradient_clip_val) == (2, 1)
+
+
+def test_data_workers_never_outnumber_the_cores(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert compose_train(["dataset=mvtec", "dataset.root=/data"], tmp_path).dataset.num_workers == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert compose_train(["dataset=lgg_mri"], tmp_path).dataset.num_workers == 4

@@ -38,6 +38,13 @@ def _sweep_group() -> str | None:
     return Path(hydra_cfg.sweep.dir).name
 
 
+def _num_workers(most: int = 4) -> int:
+    """Data loader workers: ``most``, or fewer on a machine with fewer usable cores (PyTorch warns
+    when workers outnumber them)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(int(most), cores))
+
+
 def _job_overrides() -> str:
     """A multirun job's own command-line overrides (paths left out), e.g. ``-3 model.optimizer.lr=0.001``,
     so that a sweep's W&B runs can be told apart by name; empty for a single run."""
@@ -55,6 +62,7 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("uflow_wandb_offline", _wandb_offline, replace=True)
     OmegaConf.register_new_resolver("uflow_sweep_group", _sweep_group, replace=True)
     OmegaConf.register_new_resolver("uflow_job_overrides", _job_overrides, replace=True)
+    OmegaConf.register_new_resolver("uflow_num_workers", _num_workers, replace=True)
 
 
 def print_config(cfg: DictConfig, path: Path | None = None) -> None:

@@ -31,5 +31,6 @@ def test_default_recipe_finds_tumours_on_real_mri(tmp_path):
         tmp_path / "run",
     )
     metrics = train(cfg)
-    # 8 epochs measured 0.81 (30 epochs: 0.85); the reference flow scores 0.65 here, inverted maps < 0.5
-    assert metrics["test/pixel_auroc"] >= 0.75, metrics
+    # 8 epochs measured 0.895 (30 epochs: 0.901; with feature levels 1-3 0.81); the reference flow
+    # scores 0.65 here, inverted maps < 0.5
+    assert metrics["test/pixel_auroc"] >= 0.85, metrics

@@ -291,3 +291,14 @@ def test_ckpt_path_last_stays_within_the_experiment(tmp_path):
     assert find_last_checkpoint(tmp_path, "train", "textures", "brick") == new_brick != old_brick
     with pytest.raises(FileNotFoundError, match="dataset textures, category grass"):
         find_last_checkpoint(tmp_path, "train", "textures", "grass")
+
+
+@pytest.mark.slow
+def test_a_run_prints_each_message_once_and_no_product_tips(tmp_path):
+    root = fake_layouts.make_mvtec(tmp_path / "mvtec", n_train=6, size=64)
+    result = run_cli([*CLI_TINY, "dataset=mvtec", f"dataset.root={root}"], tmp_path)
+    out = result.stdout + result.stderr
+    assert out.count("Seed set to 42") == 1 and out.count("GPU available: False") == 1
+    assert "Tip:" not in out and "LeafSpec" not in out
+    (log,) = (tmp_path / "logs" / "train" / "runs").glob("*/train.log")
+    assert "GPU available: False" in log.read_text()  # Lightning's messages reach the run's log file

@@ -75,6 +75,7 @@ def run_task(
 ) -> dict[str, float]:
     """Run a task; in a multirun one failing job is logged (``error.txt`` in its folder) and the
     sweep goes on, so the other jobs' results are kept."""
+    route_lightning_logs()
     try:
         return task(cfg)
     except Exception:
@@ -87,6 +88,28 @@ def run_task(
         return {}
     finally:
         _finish_wandb()
+
+
+class _DropProductTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip:")
+
+
+def route_lightning_logs() -> None:
+    """Lightning's messages once, through the run's own handlers (console and ``<task>.log``).
+
+    Lightning gives its loggers a stderr handler of their own when it is imported before logging is
+    configured, as it is here (Hydra configures it later), so every line came twice. Its product tips
+    (install litlogger / litmodels) are dropped: nothing a user of this project needs to act on.
+    """
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+            logger.removeHandler(handler)
+        logger.propagate = True
+    tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropProductTips) for f in tips.filters):
+        tips.addFilter(_DropProductTips())
 
 
 def _finish_wandb() -> None:

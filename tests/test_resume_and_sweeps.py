@@ -302,3 +302,12 @@ def test_a_run_prints_each_message_once_and_no_product_tips(tmp_path):
     assert "Tip:" not in out and "LeafSpec" not in out
     (log,) = (tmp_path / "logs" / "train" / "runs").glob("*/train.log")
     assert "GPU available: False" in log.read_text()  # Lightning's messages reach the run's log file
+
+
+@pytest.mark.slow
+def test_a_wrong_data_root_is_one_message_without_traceback(tmp_path):
+    missing = tmp_path / "nope"
+    result = run_cli(["dataset=folder", f"dataset.root={missing}", *CLI_TINY], tmp_path, returncode=1)
+    out = result.stdout + result.stderr
+    assert f"DatasetNotFoundError: folder: no folder {missing}. Expected layout: ROOT/<normal_dir>" in out
+    assert "Traceback" not in out

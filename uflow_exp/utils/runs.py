@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,11 +25,15 @@ def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
     return [hydra.utils.instantiate(entry) for entry in cfg.values() if entry and "_target_" in entry]
 
 
+class CheckpointNotFoundError(FileNotFoundError):
+    """``ckpt_path`` names no checkpoint."""
+
+
 def require_checkpoint(path: str | Path) -> Path:
-    """``path`` as a Path, or a FileNotFoundError that names it."""
+    """``path`` as a Path, or a CheckpointNotFoundError that names it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={path}: no such checkpoint file")
+        raise CheckpointNotFoundError(f"ckpt_path={path}: no such checkpoint file")
     return path
 
 
@@ -52,7 +57,7 @@ def find_last_checkpoint(log_dir: Path, task_name: str, dataset: str | None, cat
         key=lambda p: p.stat().st_mtime,
     )
     if not candidates:
-        raise FileNotFoundError(
+        raise CheckpointNotFoundError(
             f"ckpt_path=last: no last.ckpt of a run with {scope} under {log_dir / task_name / 'runs'}; "
             "give the checkpoint's path instead"
         )
@@ -70,6 +75,17 @@ def write_metrics(metrics: Mapping[str, Any], path: Path) -> dict[str, float]:
     return flat
 
 
+def _is_usage_error(error: Exception) -> bool:
+    """A wrong data root, layout, weights file, cache or checkpoint path (not a bug)."""
+    from uflow_exp.data.records import DatasetError
+    from uflow_exp.models.uflow.feature_cache import FeatureCacheError
+    from uflow_exp.models.uflow.feature_extraction import BackboneWeightsError
+
+    return isinstance(
+        error, DatasetError | BackboneWeightsError | FeatureCacheError | CheckpointNotFoundError
+    )
+
+
 def run_task(
     task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig, multirun: bool
 ) -> dict[str, float]:
@@ -78,8 +94,12 @@ def run_task(
     route_lightning_logs()
     try:
         return task(cfg)
-    except Exception:
+    except Exception as error:
         if not multirun:
+            if _is_usage_error(error) and os.environ.get("HYDRA_FULL_ERROR") != "1":
+                # the message names the file, key or value and what was expected: a traceback adds nothing
+                log.error("%s: %s", type(error).__name__, error)
+                raise SystemExit(1) from None
             raise
         output_dir = Path(cfg.paths.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)

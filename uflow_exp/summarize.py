@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from uflow_exp.utils.runs import last_line, natural_key
+
 # Pixel AUROC (%) per MVTec AD category from the paper (mcait backbone at 448; docs: uflow-method.md).
 PAPER_PIXEL_AUROC = {
     "bottle": 97.98,
@@ -95,11 +97,6 @@ class Row:
         return f"failed: {self.error}" if self.error else "ok"
 
 
-def _natural_key(text: str) -> list:
-    # Multirun job folders are numbers: 10 must come after 9.
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
-
-
 def _threshold_name(cfg: dict) -> str:
     # uflow_exp.thresholds.NFATreeThreshold -> nfa_tree, the config group option's name.
     target = str((cfg.get("threshold") or {}).get("_target_", ""))
@@ -128,8 +125,7 @@ def _read_job(job_dir: Path, root: Path) -> Row:
         row.metrics = {key: None if raw.get(key) is None else 100.0 * raw[key] for key in METRICS}
         row.val_loss = raw.get("val/loss")
     else:
-        lines = [line.strip() for line in (job_dir / "error.txt").read_text().splitlines() if line.strip()]
-        row.error = lines[-1] if lines else "error.txt is empty"
+        row.error = last_line(job_dir / "error.txt") or "error.txt is empty"
     return row
 
 
@@ -145,7 +141,7 @@ def collect(root: Path) -> list[Row]:
     job_dirs = {path.parent for name in ("metrics.json", "error.txt") for path in root.rglob(name)}
     rows = [
         _read_job(d, root)
-        for d in sorted(job_dirs, key=lambda d: _natural_key(d.relative_to(root).as_posix()))
+        for d in sorted(job_dirs, key=lambda d: natural_key(d.relative_to(root).as_posix()))
     ]
     everywhere = set.intersection(*(set(r.job_overrides) for r in rows)) if len(rows) > 1 else set()
     for row in rows:
@@ -203,13 +199,9 @@ def summary_rows(rows: Sequence[Row]) -> list[Row]:
     return [*rows, *means, mean_row(rows, "mean")]
 
 
-def _cells(row: Row, decimals: int) -> list[str]:
-    def number(value: float | None) -> str:
-        return "" if value is None else f"{value:.{decimals}f}"
-
+def _values(row: Row) -> list[str | float | None]:
+    """The row's value of each of ``COLUMNS``, in order (numbers as numbers, None where absent)."""
     metrics = row.metrics or {}
-    values = [number(metrics.get(key)) for key in METRICS]
-    val_loss = "" if row.val_loss is None else f"{row.val_loss:.{decimals}f}"
     return [
         row.job,
         row.dataset,
@@ -217,11 +209,18 @@ def _cells(row: Row, decimals: int) -> list[str]:
         row.backbone,
         row.threshold,
         row.overrides,
-        val_loss,
-        *values,
-        number(row.paper),
-        number(row.delta),
+        row.val_loss,
+        *(metrics.get(key) for key in METRICS),
+        row.paper,
+        row.delta,
         row.status,
+    ]
+
+
+def _cells(row: Row, decimals: int) -> list[str]:
+    return [
+        "" if value is None else f"{value:.{decimals}f}" if isinstance(value, float) else value
+        for value in _values(row)
     ]
 
 
@@ -344,20 +343,7 @@ def log_wandb(rows: Sequence[Row], root: Path, out: Path, chart: Path) -> None:
     )
     table = wandb.Table(columns=COLUMNS)
     for row in rows:
-        metrics = row.metrics or {}
-        table.add_data(
-            row.job,
-            row.dataset,
-            row.category,
-            row.backbone,
-            row.threshold,
-            row.overrides,
-            row.val_loss,
-            *(metrics.get(key) for key in METRICS),
-            row.paper,
-            row.delta,
-            row.status,
-        )
+        table.add_data(*_values(row))
     run.log({"summary/table": table, "summary/pixel_auroc": wandb.Image(str(chart))})
     run.finish()
 

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import re
 import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -150,18 +151,15 @@ class SweepReport(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        failed = sorted(
-            (p.parent for p in sweep_dir.glob("*/error.txt")),
-            key=lambda p: (int(p.name), "") if p.name.isdigit() else (-1, p.name),  # job numbers in order
-        )
+        failed = sorted((p.parent for p in sweep_dir.glob("*/error.txt")), key=lambda p: natural_key(p.name))
         if not failed:
             return
         results = sweep_dir / "optimization_results.yaml"
         if results.is_file():
             summary = OmegaConf.load(results)
-            summary.failed_jobs = [{"job": p.name, "error": _last_line(p / "error.txt")} for p in failed]
+            summary.failed_jobs = [{"job": p.name, "error": last_line(p / "error.txt")} for p in failed]
             OmegaConf.save(summary, results)
-        lines = "\n".join(f"  {p}: {_last_line(p / 'error.txt')}" for p in failed)
+        lines = "\n".join(f"  {p}: {last_line(p / 'error.txt')}" for p in failed)
         # SystemExit, not an exception: Hydra turns a callback's exceptions into warnings
         raise SystemExit(
             f"{len(failed)} job(s) of the multirun in {sweep_dir} failed (tracebacks in their "
@@ -169,6 +167,12 @@ class SweepReport(Callback):
         )
 
 
-def _last_line(path: Path) -> str:
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+def last_line(path: Path) -> str:
+    """The last non-blank line of a text file (an ``error.txt``'s exception), stripped; "" if none."""
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     return lines[-1] if lines else ""
+
+
+def natural_key(text: str) -> list:
+    """Sort key under which job folders "2" < "10"."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]

@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 from timing import interleaved_medians, seconds
 
+from uflow_exp.feature_cache import DiskStore, FeatureCache, MemoryStore
 from uflow_exp.models.uflow import UFlow, build_uflow_graph, nll_loss
-from uflow_exp.models.uflow.feature_cache import DiskStore, FeatureCache, MemoryStore
 from uflow_exp.nfa import tree_nfa
 
 CASES = ["efficientnet_lite0@256", "resnet18@256", "wide_resnet50_2@256", "mcait@448"]

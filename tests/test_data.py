@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
@@ -28,8 +31,6 @@ from tests.fake_layouts import (
     save,
 )
 from uflow_exp.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     AnomalyDataModule,
     AnomalyDataset,
     BadFileError,
@@ -46,10 +47,13 @@ SIZE = 64  # the backbone.input_size the configs are composed with
 
 
 def datamodule(name: str, **overrides) -> AnomalyDataModule:
-    """Compose conf/dataset/<name>.yaml as Hydra would and instantiate it."""
-    cfg = OmegaConf.merge(
-        {"backbone": {"input_size": SIZE}}, {"dataset": OmegaConf.load(CONF / f"{name}.yaml")}
-    )
+    """Compose conf/dataset/<name>.yaml (on its shared base) with Hydra and instantiate it."""
+    with initialize_config_dir(config_dir=str(CONF.parent), version_base="1.3"):
+        cfg = compose(
+            "train", overrides=[f"dataset={name}", f"backbone.input_size={SIZE}", f"model.eval_size={SIZE}"]
+        )
+    if "image_size" in overrides:  # masks at the image size unless a test says otherwise
+        overrides = {"eval_size": overrides["image_size"], **overrides}
     for key, value in overrides.items():
         OmegaConf.update(cfg, f"dataset.{key}", value)
     return instantiate(cfg.dataset)
@@ -70,7 +74,7 @@ def expected_mask(height: int, width: int) -> torch.Tensor:
     """The fake defect square, resized the way the dataset resizes masks (area, then >= 0.5)."""
     mask = torch.zeros(1, 1, height, width)
     mask[(0, 0, *DEFECT)] = 1
-    return (torch.nn.functional.interpolate(mask, (SIZE, SIZE), mode="area")[0] >= 0.5).float()
+    return torch.nn.functional.interpolate(mask, (SIZE, SIZE), mode="area")[0] >= 0.5
 
 
 # --- configs -------------------------------------------------------------------------------------
@@ -110,14 +114,12 @@ def test_mvtec_counts_labels_samples_and_loaders(tmp_path):
 
     sample = dm.test_dataset[3]
     assert sample["image"].shape == (3, SIZE, SIZE) and sample["image"].dtype == torch.float32
-    assert sample["mask"].shape == (1, SIZE, SIZE) and sample["mask"].dtype == torch.float32
+    assert sample["mask"].shape == (1, SIZE, SIZE) and sample["mask"].dtype == torch.bool
     assert sample["label"].dtype == torch.int64 and sample["label"].ndim == 0 and sample["label"].item() == 1
     assert sample["path"].endswith("test/broken/000.png")
     assert torch.equal(sample["mask"], expected_mask(32, 32))
-    # the bright square, undone from ImageNet normalisation, is white exactly where the mask is
-    pixels = sample["image"] * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(
-        3, 1, 1
-    )
+    # images are plain RGB in [0, 1] (the model normalises): the bright square is white
+    pixels = sample["image"]
     inside = pixels[:, 14:18, 16:20]  # well inside the square's 16..48 x 24..56 at 64 px
     assert torch.allclose(inside, torch.ones_like(inside), atol=1e-5)
     assert pixels[:, 40:, :].max() < 0.8
@@ -298,8 +300,7 @@ def test_any_image_mode_becomes_three_channels(tmp_path, mode, maker, white):
     array[:4] = 255
     path = tmp_path / f"{mode}.png"
     maker(array).save(path)
-    image = AnomalyDataset([Record(path, None, 0)], 16)[0]["image"]
-    pixels = image * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    pixels = AnomalyDataset([Record(path, None, 0)], 16)[0]["image"]
     assert pixels.shape == (3, 16, 16)
     assert torch.allclose(pixels[:, :4], torch.ones(3, 4, 16), atol=1e-5)  # white stays white
     if mode in ("grey", "grey16"):
@@ -312,8 +313,7 @@ def test_sixteen_bit_rgb_tiff_keeps_its_depth(tmp_path):
     array[..., 0] = 65535
     array[..., 1] = 32768
     tifffile.imwrite(tmp_path / "rgb16.tif", array)
-    image = AnomalyDataset([Record(tmp_path / "rgb16.tif", None, 0)], 8)[0]["image"]
-    pixels = image * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    pixels = AnomalyDataset([Record(tmp_path / "rgb16.tif", None, 0)], 8)[0]["image"]
     assert torch.allclose(pixels.mean((1, 2)), torch.tensor([1.0, 32768 / 65535, 0.0]), atol=1e-5)
 
 
@@ -325,9 +325,31 @@ def test_masks_are_binarised_and_resized_by_area(tmp_path):
     save(noise_image(0, 8, 8), tmp_path / "x.png")
     save(mask, tmp_path / "x_mask.png")
     out = AnomalyDataset([Record(tmp_path / "x.png", tmp_path / "x_mask.png", 1)], 4)[0]["mask"]
-    expected = torch.zeros(1, 4, 4)
-    expected[0, 0, 0] = 1
+    expected = torch.zeros(1, 4, 4, dtype=torch.bool)
+    expected[0, 0, 0] = True
     assert torch.equal(out, expected)
+
+
+def test_masks_come_at_the_evaluation_size_resized_once_from_the_file(tmp_path):
+    # a 12 x 12 mask whose 3 x 3 top-left block is set: straight from the file to eval_size 4 that is
+    # exactly one pixel, whatever the image size
+    mask = np.zeros((12, 12), dtype=np.uint8)
+    mask[:3, :3] = 255
+    save(noise_image(0, 12, 12), tmp_path / "x.png")
+    save(mask, tmp_path / "x_mask.png")
+    sample = AnomalyDataset([Record(tmp_path / "x.png", tmp_path / "x_mask.png", 1)], 8, eval_size=4)[0]
+    assert sample["image"].shape == (3, 8, 8)
+    expected = torch.zeros(1, 4, 4, dtype=torch.bool)
+    expected[0, 0, 0] = True
+    assert torch.equal(sample["mask"], expected)
+    normal = AnomalyDataset([Record(tmp_path / "x.png", None, 0)], 8, eval_size=4)[0]["mask"]
+    assert normal.shape == (1, 4, 4) and not normal.any()
+
+
+def test_importing_the_data_package_loads_no_model_library():
+    code = "import sys, uflow_exp.data; print(sorted(m for m in ('timm', 'FrEIA') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", result.stdout
 
 
 # --- bad input -----------------------------------------------------------------------------------

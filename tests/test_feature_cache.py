@@ -17,10 +17,10 @@ from torch.utils.data import DataLoader
 
 from tests import fake_layouts
 from tests.framework_helpers import TINY, compose_train
+from uflow_exp import feature_cache as fc
 from uflow_exp.data.dataset import AnomalyDataset
 from uflow_exp.data.records import Record
-from uflow_exp.models.uflow import feature_cache as fc
-from uflow_exp.models.uflow.feature_cache import (
+from uflow_exp.feature_cache import (
     CacheSpec,
     FeatureCache,
     FeatureCacheError,
@@ -75,11 +75,16 @@ def open_cache(tmp_path, extractor, paths, mode: str = "disk") -> FeatureCache:
 
 
 def epoch(cache: FeatureCache, extractor, paths, images, order, batch: int = 4) -> list[list[torch.Tensor]]:
-    """Features of each batch of an epoch in ``order``."""
+    """Features of each batch of an epoch in ``order``: the missing ones filled, then all read."""
     out = []
     for start in range(0, len(order), batch):
         rows = order[start : start + batch]
-        out.append(cache.features([paths[i] for i in rows], images[rows], extractor.extract))
+        missing = set(cache.missing([paths[i] for i in rows]))
+        fresh = [i for i in rows if os.path.abspath(paths[i]) in missing]
+        if fresh:
+            cache.fill([([paths[i] for i in fresh], images[fresh])], extractor.extract)
+        per_image = [cache.read(paths[i]) for i in rows]
+        out.append([torch.stack(scale) for scale in zip(*per_image, strict=True)])
     return out
 
 
@@ -207,7 +212,7 @@ def test_a_folder_created_meanwhile_by_another_process_is_used(data, tmp_path, m
         if not raced:
             raced.append(folder)
             others.append(open_cache(tmp_path, extractor, paths))
-            others[0].features(paths[:2], images[:2], extractor.extract)
+            others[0].fill([(paths[:2], images[:2])], extractor.extract)
         write_layout(folder, *args)
 
     monkeypatch.setattr(fc, "_write_layout", racing)
@@ -238,14 +243,17 @@ def test_an_invalid_mode_is_refused_naming_the_key(value):
         parse_mode(value)
 
 
-def test_an_invalid_mode_in_the_config_is_refused_before_training(tmp_path):
+def test_an_invalid_mode_in_the_config_is_refused_before_anything_is_built(tmp_path, monkeypatch):
+    from uflow_exp.tasks.train import train
+
     cfg = compose_train([*TINY, "feature_cache=sometimes"], tmp_path)
-    with pytest.raises(Exception, match="feature_cache must be one of .*'sometimes'"):
-        hydra.utils.instantiate(cfg.model)
+    monkeypatch.setattr(hydra.utils, "instantiate", lambda *a, **k: pytest.fail("built something"))
+    with pytest.raises(ValueError, match="feature_cache must be one of .*'sometimes'"):
+        train(cfg)
 
 
 @pytest.mark.parametrize("how", ["requires_grad", "training"])
-@pytest.mark.parametrize("mode", ["disk", "first_use"])
+@pytest.mark.parametrize("mode", ["disk", "fill"])
 def test_a_trainable_backbone_is_refused(how, mode, data, tmp_path):
     paths, images = data
     extractor = CountingExtractor()
@@ -258,28 +266,47 @@ def test_a_trainable_backbone_is_refused(how, mode, data, tmp_path):
         if mode == "disk":
             open_cache(tmp_path, extractor, paths)
         else:
-            cache.features(paths[:2], images[:2], extractor.extract)
+            cache.fill([(paths[:2], images[:2])], extractor.extract)
     assert extractor.seen == [] and not (tmp_path / "features").exists()
 
 
-def test_fit_without_a_datamodule_caches_in_memory_and_keeps_the_cache_out_of_the_checkpoint(
-    tmp_path, caplog
-):
+def test_a_key_never_filled_is_refused_naming_the_image(data, tmp_path):
+    paths, images = data
+    extractor = CountingExtractor()
+    cache = open_cache(tmp_path, extractor, paths, "memory")
+    cache.fill([(paths[:2], images[:2])], extractor.extract)
+    assert [t.shape for t in cache.read(paths[1])] == [(4, 8, 8), (4, 4, 4)]
+    with pytest.raises(FeatureCacheError, match=f"image {paths[2]} has no features"):
+        cache.read(paths[2])
+
+
+def test_a_served_data_set_yields_stored_features_and_never_decodes(data, tmp_path, monkeypatch):
+    paths, images = data
+    extractor = CountingExtractor()
+    cache = open_cache(tmp_path, extractor, paths, "memory")
+    cache.fill([(paths, images)], extractor.extract)
+    monkeypatch.setattr(AnomalyDataset, "load_image", lambda *a: pytest.fail("decoded an image"))
+    dataset = AnomalyDataset([Record(p, None, 0) for p in paths], 8, features=cache)
+    batch = next(iter(DataLoader(dataset, batch_size=3)))
+    assert "image" not in batch
+    for got, want in zip(batch["features"], extractor.extract(images[:3]), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_a_module_trained_without_the_task_extracts_every_step_and_checkpoints_no_cache(tmp_path):
     root = fake_layouts.make_mvtec(tmp_path / "data", n_train=4, size=64)
-    overrides = [*TINY, "feature_cache=disk", f"model.feature_cache_dir={tmp_path / 'features'}"]
-    module = hydra.utils.instantiate(compose_train(overrides, tmp_path).model)
+    module = hydra.utils.instantiate(compose_train(TINY, tmp_path).model)
     extract, seen = module.model.extract, []
     module.model.extract = lambda images: seen.extend(images) or extract(images)
     records = [Record(p, None, 0) for p in sorted((root / "bottle" / "train" / "good").iterdir())]
     loader = DataLoader(AnomalyDataset(records, 64), batch_size=2)  # validates on the same images
     trainer = L.Trainer(
-        accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, default_root_dir=tmp_path
+        accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False, default_root_dir=tmp_path
     )
-    with caplog.at_level(logging.INFO):
-        trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
-    assert "Feature cache in memory: no datamodule" in caplog.text
-    assert isinstance(module.feature_cache.store, fc.MemoryStore) and not (tmp_path / "features").exists()
-    assert len(seen) == len(records)  # over the sanity check, training and validation: once each
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
+    # sanity check (2 batches), then per epoch training and validation of every image
+    assert len(seen) == 2 * 2 + 2 * 2 * len(records)
     (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-    assert not [key for key in state if "cache" in key]
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert not [key for key in checkpoint["state_dict"] if "cache" in key]
+    assert "feature_cache" not in checkpoint["hyper_parameters"]

@@ -164,7 +164,7 @@ def test_ddp_on_two_cpu_processes(tmp_path):
             f"dataset.root={root}",
             # both processes open one disk cache and fill the rows of the images they see
             "feature_cache=disk",
-            f"model.feature_cache_dir={features}",
+            f"feature_cache_dir={features}",
         ],
         tmp_path,
     )

@@ -114,7 +114,7 @@ def test_feature_cache_gives_the_same_losses(tmp_path):
                 "dataset=mvtec",
                 f"dataset.root={root}",
                 f"feature_cache={cache}",
-                f"model.feature_cache_dir={tmp_path / f'features_{cache}'}",
+                f"feature_cache_dir={tmp_path / f'features_{cache}'}",
                 "trainer.max_epochs=3",
                 "test=false",
             ],
@@ -128,6 +128,30 @@ def test_feature_cache_gives_the_same_losses(tmp_path):
     (folder,) = (tmp_path / "features_disk").iterdir()
     assert folder.name.startswith("mvtec-bottle-resnet18-L123-64-")
     assert np.load(folder / "filled.npy").all()  # 6 train + 2 val images, each computed and flagged
+
+
+def test_a_cached_run_decodes_each_image_once_and_lists_the_files_once(tmp_path, monkeypatch):
+    from uflow_exp.data import AnomalyDataset, datamodule
+
+    root = fake_layouts.make_mvtec(tmp_path / "data", n_train=6, n_test_good=2, n_test_defect=2, size=64)
+    decoded, listed = [], []
+    load_image, find_records = AnomalyDataset.load_image, datamodule.LAYOUTS["mvtec"].find_records
+    monkeypatch.setattr(
+        AnomalyDataset,
+        "load_image",
+        lambda self, record: decoded.append(record.image) or load_image(self, record),
+    )
+    monkeypatch.setattr(
+        datamodule.LAYOUTS["mvtec"], "find_records", lambda *a, **k: listed.append(1) or find_records(*a, **k)
+    )
+    overrides = [*TINY, "dataset=mvtec", f"dataset.root={root}", "trainer.max_epochs=3"]
+    train(compose_train([*overrides, "feature_cache=memory"], tmp_path / "run"))
+    train_val = {p for p in decoded if "/train/" in str(p)}
+    assert len(train_val) == 6 and len(decoded) == 6 + 4  # 3 epochs: each training image once, test once
+    assert len(listed) == 1
+    decoded.clear()
+    train(compose_train([*overrides, "feature_cache=false"], tmp_path / "uncached"))
+    assert len(decoded) > 3 * 6  # without the cache every epoch decodes
 
 
 def test_evaluate_reproduces_the_test_metrics_of_training(tmp_path):

@@ -5,17 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
-
-from uflow_exp.models.uflow import IMAGENET_MEAN, IMAGENET_STD
-
-
-def _denormalize(image: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN, device=image.device)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, device=image.device)[:, None, None]
-    return (image * std + mean).clamp(0, 1)
 
 
 def render_panel(image, mask, amap, segmentation, title: str, path: Path) -> None:
@@ -44,7 +35,11 @@ def render_panel(image, mask, amap, segmentation, title: str, path: Path) -> Non
 
 class TestImageLogger(L.Callback):
     """Renders up to ``max_images`` test samples at test end into ``output_dir`` (a quarter of them
-    normal, the rest anomalous, in test order) and logs them to W&B when a W&B logger is attached."""
+    normal, the rest anomalous, in test order) and logs them to W&B when a W&B logger is attached.
+
+    What it draws comes from each test step's outputs (``anomaly_map``, ``mask``, ``segmentation``)
+    and, at the end, the module's ``test_curves`` (pixel ROC and PRO), which the module publishes once
+    its test epoch has ended."""
 
     def __init__(self, max_images: int = 8, output_dir: str = "test_images") -> None:
         self.max_images = max_images
@@ -65,7 +60,7 @@ class TestImageLogger(L.Callback):
                 continue
             kept.append(
                 {
-                    "image": _denormalize(images[i]).cpu(),
+                    "image": images[i].clamp(0, 1).cpu(),
                     "mask": outputs["mask"][i, 0].float().cpu(),
                     "amap": outputs["anomaly_map"][i, 0].float().cpu(),
                     "segmentation": outputs["segmentation"][i, 0].float().cpu(),
@@ -78,11 +73,9 @@ class TestImageLogger(L.Callback):
         n_normal = min(len(normal), max(self.max_images // 4, self.max_images - len(anomalous)))
         return normal[:n_normal] + anomalous[: self.max_images - n_normal]
 
-    def on_test_epoch_end(self, trainer, pl_module) -> None:
-        # Every rank takes part in syncing the curves' histograms; only rank zero draws.
-        curves = pl_module.test_metrics.curves() if hasattr(pl_module, "test_metrics") else {}
+    def on_test_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
-            self._render(trainer, curves)
+            self._render(trainer, getattr(pl_module, "test_curves", {}))
         self._kept = {False: [], True: []}
 
     def _render(self, trainer, curves: dict) -> None:

@@ -1,7 +1,7 @@
 """Data sets: one module per on-disk layout, one shared Dataset, one LightningDataModule."""
 
 from uflow_exp.data.datamodule import LAYOUTS, AnomalyDataModule
-from uflow_exp.data.dataset import IMAGENET_MEAN, IMAGENET_STD, AnomalyDataset, validate_records
+from uflow_exp.data.dataset import AnomalyDataset, validate_records
 from uflow_exp.data.records import (
     BadFileError,
     DatasetError,
@@ -14,8 +14,6 @@ from uflow_exp.data.records import (
 )
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "LAYOUTS",
     "AnomalyDataModule",
     "AnomalyDataset",

@@ -12,11 +12,12 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from uflow_exp.data import btad, folder, lgg_mri, mvtec, stc, textures
-from uflow_exp.data.dataset import AnomalyDataset, validate_records
+from uflow_exp.data.dataset import AnomalyDataset, FeatureLookup, validate_records
 from uflow_exp.data.records import (
     DatasetError,
     FileProblems,
     LayoutContext,
+    Record,
     Splits,
     split_off,
 )
@@ -66,7 +67,9 @@ class AnomalyDataModule(L.LightningDataModule):
         name: layout, one of `LAYOUTS`.
         root: data set root (unused by `textures`, which generates into `cache_dir`).
         category: MVTec category, BTAD product, texture name or ShanghaiTech scene.
-        image_size: side of the square images and masks the loaders yield.
+        image_size: side of the square images the loaders yield (the backbone's input size).
+        eval_size: side of the masks they yield (the side of the maps that metrics and thresholds
+            see); None: ``image_size``.
         val_split: "train" validates on a seeded `val_fraction` of the normal training images
             (unsupervised); "test" validates on the test set, as the paper does (label leakage).
         seed: seeds every split (validation, LGG patients, folder tests) and the textures; kept apart
@@ -82,6 +85,7 @@ class AnomalyDataModule(L.LightningDataModule):
         root: str | None = None,
         category: str | None = None,
         image_size: int = 256,
+        eval_size: int | None = None,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -112,6 +116,7 @@ class AnomalyDataModule(L.LightningDataModule):
         self.root = None if root is None else Path(root)
         self.category = category
         self.image_size = int(image_size)
+        self.eval_size = int(eval_size or image_size)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -124,20 +129,24 @@ class AnomalyDataModule(L.LightningDataModule):
         self.train_dataset: AnomalyDataset | None = None
         self.val_dataset: AnomalyDataset | None = None
         self.test_dataset: AnomalyDataset | None = None
+        self._found: tuple[Splits, FileProblems] | None = None
 
-    def _find(self, problems: FileProblems) -> Splits:
-        ctx = LayoutContext(self.root, self.category, self.seed, problems)
-        return LAYOUTS[self.name].find_records(ctx, **self.options)
+    def _find(self) -> tuple[Splits, FileProblems]:
+        """The layout's records, listed once per process (what it skipped under ``warn`` with them)."""
+        if self._found is None:
+            problems = FileProblems(self.on_bad_file)
+            ctx = LayoutContext(self.root, self.category, self.seed, problems)
+            self._found = LAYOUTS[self.name].find_records(ctx, **self.options), problems
+        return self._found
 
     def prepare_data(self) -> None:
         # Builds the caches (generated textures, decoded video frames) once, on one process.
-        self._find(FileProblems(self.on_bad_file))
+        self._find()
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:
             return
-        problems = FileProblems(self.on_bad_file)
-        found = self._find(problems)
+        found, problems = self._find()
         train = validate_records(found.train, problems, self.verify_images)
         test = validate_records(found.test, problems, self.verify_images)
         problems.summarise(self.name)
@@ -151,9 +160,9 @@ class AnomalyDataModule(L.LightningDataModule):
             train, val = split_off(train, self.val_fraction, self.seed)
         else:
             val = test
-        self.train_dataset = AnomalyDataset(train, self.image_size)
-        self.val_dataset = AnomalyDataset(val, self.image_size)
-        self.test_dataset = AnomalyDataset(test, self.image_size)
+        self.train_dataset = AnomalyDataset(train, self.image_size, self.eval_size)
+        self.val_dataset = AnomalyDataset(val, self.image_size, self.eval_size)
+        self.test_dataset = AnomalyDataset(test, self.image_size, self.eval_size)
         anomalous = sum(r.label for r in test)
         log.info(
             "%s: %d train, %d val (%s), %d test images (%d anomalous)",
@@ -164,6 +173,22 @@ class AnomalyDataModule(L.LightningDataModule):
             len(test),
             anomalous,
         )
+
+    def fit_datasets(self) -> list[AnomalyDataset]:
+        """The training and validation sets (after ``setup``): the images a feature cache holds."""
+        if self.train_dataset is None or self.val_dataset is None:
+            raise RuntimeError("call setup() before asking for the training images")
+        return [self.train_dataset, self.val_dataset]
+
+    def serve_features(self, features: FeatureLookup) -> None:
+        """From now on the training and validation loaders yield each image's stored features
+        instead of decoding it (the test loader still decodes)."""
+        for dataset in self.fit_datasets():
+            dataset.features = features
+
+    def image_loader(self, records: list[Record]) -> DataLoader:
+        """Decoded images of ``records`` in order, in evaluation batches (to compute features)."""
+        return self._loader(AnomalyDataset(records, self.image_size), self.eval_batch_size, shuffle=False)
 
     def _loader(self, dataset: AnomalyDataset | None, batch_size: int, shuffle: bool) -> DataLoader:
         if dataset is None:

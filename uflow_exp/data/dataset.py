@@ -6,6 +6,7 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -13,42 +14,67 @@ from torch.utils.data import Dataset
 
 from uflow_exp.data.io import image_shape, mask_shape, read_image, read_mask
 from uflow_exp.data.records import BadFileError, FileProblems, NpyFrame, Record
-from uflow_exp.models.uflow.feature_extraction import IMAGENET_MEAN, IMAGENET_STD
+
+
+class FeatureLookup(Protocol):
+    """Stored backbone features of an image file (``uflow_exp.feature_cache.FeatureCache``)."""
+
+    def read(self, key: str) -> list[torch.Tensor]: ...
 
 
 class AnomalyDataset(Dataset):
-    """Reads any `Record` as a dict of `image` (3, S, S) float32 ImageNet-normalised, `mask`
-    (1, S, S) float32 in {0, 1}, `label` int64 scalar, `has_mask` bool scalar (False for an anomalous
-    image without a mask: its pixels are unlabelled, and its zero mask means nothing) and `path` str,
-    where S is `image_size`."""
+    """Reads any `Record` as a dict of `image` (3, S, S) float32 RGB in [0, 1], `mask` (1, E, E)
+    bool, `label` int64 scalar, `has_mask` bool scalar (False for an anomalous image without a mask:
+    its pixels are unlabelled, and its zero mask means nothing) and `path` str, where S is
+    `image_size` (what the backbone takes) and E is `eval_size` (the side of the maps that metrics
+    and thresholds see; `image_size` when None). Pixel normalisation belongs to the model.
 
-    def __init__(self, records: Sequence[Record], image_size: int) -> None:
+    With `features` (set by the training task once it has computed them) a sample carries the
+    image's stored backbone `features` (a list of per-scale tensors) instead of `image`, and the
+    image file is not decoded.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        image_size: int,
+        eval_size: int | None = None,
+        features: FeatureLookup | None = None,
+    ) -> None:
         self.records = list(records)
         self.image_size = int(image_size)
-        self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        self.eval_size = int(eval_size or image_size)
+        self.features = features
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         record = self.records[index]
-        image = torch.from_numpy(read_image(record.image)).permute(2, 0, 1)
-        size = (self.image_size, self.image_size)
-        image = F.interpolate(image[None], size, mode="bilinear", antialias=True, align_corners=False)[0]
         if record.mask is None:
-            mask = torch.zeros(1, *size)
+            mask = torch.zeros(1, self.eval_size, self.eval_size, dtype=torch.bool)
         else:
             full = torch.from_numpy(read_mask(record.mask)).float()[None, None]
-            # Area averaging then >= 0.5 keeps a thin defect's share of each output pixel honest.
-            mask = (F.interpolate(full, size, mode="area")[0] >= 0.5).float()
-        return {
-            "image": (image - self._mean) / self._std,
+            # Once, from the file's resolution: area averaging then >= 0.5 keeps a thin defect's
+            # share of each output pixel honest.
+            mask = F.interpolate(full, (self.eval_size, self.eval_size), mode="area")[0] >= 0.5
+        sample = {
             "mask": mask,
             "label": torch.tensor(record.label, dtype=torch.int64),
             "has_mask": torch.tensor(record.mask is not None or record.label == 0),
             "path": str(record.image),
         }
+        if self.features is not None:
+            sample["features"] = self.features.read(str(record.image))
+        else:
+            sample["image"] = self.load_image(record)
+        return sample
+
+    def load_image(self, record: Record) -> torch.Tensor:
+        """The record's image as (3, image_size, image_size) float32 RGB in [0, 1]."""
+        image = torch.from_numpy(read_image(record.image)).permute(2, 0, 1)
+        size = (self.image_size, self.image_size)
+        return F.interpolate(image[None], size, mode="bilinear", antialias=True, align_corners=False)[0]
 
 
 def _problem(record: Record, decode: bool) -> tuple[Path | str, str] | None:

@@ -43,8 +43,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     ours = isinstance(hparams, dict) and isinstance(hparams.get("backbone"), dict)
     override = cfg.get("threshold")
     with open_dict(cfg):
-        if ours:  # the data set's image size follows the checkpoint
+        if ours:  # the data set's image and mask sizes follow the checkpoint
             cfg.backbone = hparams["backbone"]
+            cfg.model.eval_size = hparams.get("eval_size")
             cfg.threshold = override or hparams["threshold"]
         else:  # the authors' release: described by the config; its backbone weights are inside
             cfg.backbone.pretrained = False

@@ -1,6 +1,7 @@
 """Export a trained checkpoint's backbone + flow + anomaly map to a deployable graph (ONNX).
 
-The graph takes ImageNet-normalised images (B, 3, S, S) with S the checkpoint's ``input_size`` and
+The graph takes RGB images in [0, 1] (B, 3, S, S) with S the checkpoint's ``input_size`` (the ImageNet
+normalisation is inside it, as in the model) and
 returns the anomaly map (B, 1, eval_size, eval_size) that metrics and thresholds see; the batch axis is
 dynamic. Thresholds and the NFA need Python-side state and statistics, so they are not part of it.
 """
@@ -97,7 +98,7 @@ def export_onnx(module: UFlowModule, output: str | Path, opset: int = 17, fast_f
     for key, value in {
         "input_size": str(side),
         "eval_size": str(module.eval_size),
-        "input_normalisation": "ImageNet mean/std, RGB in [0, 1] before normalising",
+        "input_normalisation": "none: RGB in [0, 1]; the graph applies the ImageNet mean/std itself",
         "backbone": str(module.hparams.backbone["name"]),
         "flow_blocks": flow_kind,
     }.items():

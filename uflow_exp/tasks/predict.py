@@ -1,7 +1,7 @@
 """Predict with a trained checkpoint on any images: overlays, masks, raw maps and a CSV of scores.
 
-Images take the training data path (``AnomalyDataset``: ``read_image``, resize, ImageNet
-normalisation) and the module's ``predict_step``. The CSV's score, decision and area are computed on
+Images take the training data path (``AnomalyDataset``: ``read_image``, resize; the model
+normalises) and the module's ``predict_step``. The CSV's score, decision and area are computed on
 the model's ``eval_size`` maps, as in evaluation; the files are resized back to each image's H x W.
 """
 

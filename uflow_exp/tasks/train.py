@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -11,6 +12,9 @@ import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from uflow_exp.data import AnomalyDataModule
+from uflow_exp.feature_cache import CacheSpec, open_feature_cache, parse_mode
+from uflow_exp.models.uflow.lightning_module import UFlowModule
 from uflow_exp.utils import (
     find_last_checkpoint,
     instantiate_dict,
@@ -51,6 +55,44 @@ def _interrupted_message(trainer: L.Trainer) -> str:
     return f"Training stopped by SIGTERM at epoch {trainer.current_epoch}; {how}"
 
 
+def cache_features(
+    cfg: DictConfig, mode: str, datamodule: AnomalyDataModule, module: UFlowModule, trainer: L.Trainer
+) -> None:
+    """Compute the frozen backbone's features of the training and validation images once (each image
+    decoded once, on the trainer's device) and have the data module serve them instead of images.
+
+    The task is the one place that knows both the data and the model, so it owns the cache: the
+    module only sees batches that carry ``features`` or ``image``.
+    """
+    datamodule.setup("fit")
+    records = list(
+        {os.path.abspath(r.image): r for d in datamodule.fit_datasets() for r in d.records}.values()
+    )
+    backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
+    spec = CacheSpec(
+        dataset=datamodule.name,
+        category=datamodule.category,
+        backbone=backbone["name"],
+        layers=backbone.get("layers"),
+        input_size=backbone["input_size"],
+        image_size=datamodule.image_size,
+    )
+    extractor = module.model.feature_extractor.to(trainer.strategy.root_device)
+    paths = [str(r.image) for r in records]
+    cache = open_feature_cache(extractor, mode, paths, spec, cfg.feature_cache_dir)
+    missing = set(cache.missing(paths))
+    todo = [r for r in records if os.path.abspath(r.image) in missing]
+    if todo:
+        start = time.perf_counter()
+        device = trainer.strategy.root_device
+        batches = ((b["path"], b["image"].to(device)) for b in datamodule.image_loader(todo))
+        count = cache.fill(batches, extractor.extract)
+        log.info(
+            "Feature cache: computed the features of %d images in %.1f s", count, time.perf_counter() - start
+        )
+    datamodule.serve_features(cache)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     print_config(cfg, output_dir / "config_resolved.yaml")
@@ -59,6 +101,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resolve_ckpt_path(cfg)
 
     # Everything that can be misconfigured is built (and the data validated) before any compute.
+    cache_mode = parse_mode(cfg.get("feature_cache", False))
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.dataset)
     datamodule.prepare_data()  # finds the files: a wrong root fails here, naming the layout
     model: L.LightningModule = hydra.utils.instantiate(cfg.model)
@@ -73,6 +116,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics: dict = {}
     if cfg.get("train"):
         start = time.perf_counter()
+        if cache_mode != "off":
+            cache_features(cfg, cache_mode, datamodule, model, trainer)
         try:
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         except SIGTERMException:  # Lightning stops after the current batch; its exit status would be 0

@@ -79,7 +79,7 @@ def write_metrics(metrics: Mapping[str, Any], path: Path) -> dict[str, float]:
 def _is_usage_error(error: Exception) -> bool:
     """A wrong data root, layout, weights file, cache or checkpoint path (not a bug)."""
     from uflow_exp.data.records import DatasetError
-    from uflow_exp.models.uflow.feature_cache import FeatureCacheError
+    from uflow_exp.feature_cache import FeatureCacheError
     from uflow_exp.models.uflow.feature_extraction import BackboneWeightsError
 
     return isinstance(

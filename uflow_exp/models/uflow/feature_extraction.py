@@ -1,9 +1,11 @@
 """Frozen multi-scale feature extractors and their per-scale normalisation.
 
 Every extractor exposes the same three things: ``channels`` and ``scale_factors`` (one per scale,
-finest first), ``extract(images)`` returning the raw backbone outputs, and ``normalize(raw)``
-returning ``(B, C, H, W)`` maps ready for the flow. The split lets a feature cache store raw
-outputs while the (trainable) normalisation still runs every step.
+finest first), ``extract(images)`` taking RGB images in [0, 1] and returning the raw backbone
+outputs, and ``normalize(raw)`` returning ``(B, C, H, W)`` maps ready for the flow. The split lets a
+feature cache store raw outputs while the (trainable) normalisation still runs every step. The
+ImageNet pixel normalisation is the extractor's own first step, so data, export and predict all hand
+over plain images.
 
 Module and parameter names follow the authors' reference so that its checkpoints load as they are:
 ``extractor`` + ``feature_normalizations`` for timm CNNs, ``extractor1`` / ``extractor2`` for MS-CaiT.
@@ -141,11 +143,18 @@ def _freeze(module: nn.Module) -> nn.Module:
 
 
 class FeatureExtractor(nn.Module):
-    """Base: keeps the backbone frozen and in eval mode whatever ``train()`` is called with."""
+    """Base: normalises pixels with the ImageNet statistics the backbones were trained with, and
+    keeps the backbone frozen and in eval mode whatever ``train()`` is called with."""
 
     channels: list[int]
     scale_factors: list[int]
     input_size: int
+
+    def __init__(self) -> None:
+        super().__init__()
+        # not persistent: constants, and the state_dict keeps the reference's layout
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def backbone_modules(self) -> list[nn.Module]:
         raise NotImplementedError
@@ -156,7 +165,15 @@ class FeatureExtractor(nn.Module):
             module.eval()
         return self
 
+    @torch.no_grad()
     def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Raw backbone outputs of RGB images in [0, 1], (B, 3, input_size, input_size)."""
+        return self.backbone_features(
+            (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
+        )
+
+    def backbone_features(self, normalized: torch.Tensor) -> list[torch.Tensor]:
+        """Raw backbone outputs of ImageNet-normalised images."""
         raise NotImplementedError
 
     def normalize(self, raw: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -219,9 +236,8 @@ class TimmFeatureExtractor(FeatureExtractor):
     def backbone_modules(self) -> list[nn.Module]:
         return [self.extractor]
 
-    @torch.no_grad()
-    def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.extractor(images))
+    def backbone_features(self, normalized: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.extractor(normalized))
 
     def normalize(self, raw: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [norm(x) for norm, x in zip(self.feature_normalizations, raw, strict=True)]
@@ -256,11 +272,10 @@ class MCaitFeatureExtractor(FeatureExtractor):
             x = block(x)
         return x
 
-    @torch.no_grad()
-    def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
-        small = F.interpolate(images, size=(224, 224), mode="bicubic", align_corners=True)
+    def backbone_features(self, normalized: torch.Tensor) -> list[torch.Tensor]:
+        small = F.interpolate(normalized, size=(224, 224), mode="bicubic", align_corners=True)
         return [
-            self._tokens(self.extractor1, images, self.depths[0]),
+            self._tokens(self.extractor1, normalized, self.depths[0]),
             self._tokens(self.extractor2, small, self.depths[1]),
         ]
 

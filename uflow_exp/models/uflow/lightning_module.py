@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
 import hydra
 import lightning as L
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from uflow_exp.metrics import AnomalyMetrics
-from uflow_exp.models.uflow.feature_cache import CacheSpec, FeatureCache, open_feature_cache, parse_mode
 from uflow_exp.models.uflow.loss import nll_loss
 from uflow_exp.models.uflow.model import UFlow
 from uflow_exp.thresholds import Threshold
@@ -29,6 +28,9 @@ class UFlowModule(L.LightningModule):
     """Trains the flow by NLL; validates on held-out normal images (``val/loss``) and, when the
     validation set holds anomalies, with the test metrics; tests with the threshold mode.
 
+    A batch holds ``image`` (RGB in [0, 1] at the backbone's input size) or, when the training task
+    serves cached features, ``features`` (the backbone's raw outputs); ``mask`` is at ``eval_size``.
+
     Args:
         backbone: ``{name, input_size, pretrained, weights, layers}``.
         flow: ``{flow_steps, affine_clamp, subnet_channels_ratio, permute_soft, compile_coupling,
@@ -38,11 +40,6 @@ class UFlowModule(L.LightningModule):
         scheduler: a ``_partial_`` epoch-wise scheduler config, or None.
         eval_size: side of the maps that metrics and thresholds see (the reference uses 256).
         metric_bins: score bins of the pixel metrics (memory stays bounded; see uflow_exp.metrics).
-        feature_cache: compute the frozen backbone's features of training and validation images
-            once and reuse them every epoch: true (in memory when they fit in a quarter of the
-            available memory, else on disk), false, ``memory`` or ``disk`` (see ``feature_cache.py``).
-        feature_cache_dir: the folder of the disk caches (one subfolder per data set, backbone,
-            weights and image set), shared by runs.
     """
 
     def __init__(
@@ -54,11 +51,8 @@ class UFlowModule(L.LightningModule):
         scheduler: dict | None = None,
         eval_size: int | None = None,
         metric_bins: int = 10_000,
-        feature_cache: bool | str = True,
-        feature_cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        self._feature_cache_mode = parse_mode(feature_cache)  # refused before the backbone is built
         self.save_hyperparameters(
             {
                 "backbone": _plain(backbone),
@@ -68,8 +62,6 @@ class UFlowModule(L.LightningModule):
                 "scheduler": _plain(scheduler),
                 "eval_size": eval_size,
                 "metric_bins": metric_bins,
-                "feature_cache": feature_cache,
-                "feature_cache_dir": feature_cache_dir,
             }
         )
         hp = self.hparams
@@ -79,15 +71,23 @@ class UFlowModule(L.LightningModule):
         self.val_metrics = AnomalyMetrics(n_bins=metric_bins)
         self.test_metrics = AnomalyMetrics(n_bins=metric_bins)
         self._val_anomalous = 0
-        # a plain attribute (not a module or buffer): the cache never goes into a checkpoint
-        self.feature_cache: FeatureCache | None = None
+        # the pixel ROC and PRO curves of the last test epoch, for callbacks that draw them
+        self.test_curves: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu") -> UFlowModule:
-        """Load a trained model; the backbone's weights come from the checkpoint, not the hub."""
-        hparams = torch.load(path, map_location="cpu", weights_only=True)["hyper_parameters"]
-        backbone = {**hparams["backbone"], "pretrained": False, "weights": None}
-        return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True, backbone=backbone)
+        """Load a trained model; the backbone's weights come from the checkpoint, not the hub.
+
+        Hyper-parameters this version no longer takes (``feature_cache`` and ``feature_cache_dir``
+        of checkpoints written before the training task owned the cache) are ignored.
+        """
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted}
+        hparams["backbone"] = {**hparams["backbone"], "pretrained": False, "weights": None}
+        module = cls(**hparams)
+        module.load_state_dict(checkpoint["state_dict"])
+        return module.to(map_location)
 
     def replace_threshold(self, config: dict) -> None:
         """Threshold with another mode (a ``_target_`` config) from now on; the hyper-parameters, and so
@@ -95,41 +95,11 @@ class UFlowModule(L.LightningModule):
         self.threshold = hydra.utils.instantiate(_plain(config)).to(self.device)
         self.hparams.threshold = _plain(config)
 
-    def on_fit_start(self) -> None:
-        """Open the feature cache: the model is on its device and the datamodule set up by now."""
-        if self._feature_cache_mode == "off":
-            return
-        extractor = self.model.feature_extractor
-        datamodule = self.trainer.datamodule
-        datasets = [getattr(datamodule, "train_dataset", None), getattr(datamodule, "val_dataset", None)]
-        if not all(hasattr(dataset, "records") for dataset in datasets):
-            log.info(
-                "Feature cache in memory: no datamodule lists the training and validation images, "
-                "which a disk cache is sized and keyed by"
-            )
-            self.feature_cache = FeatureCache(backbone=extractor.backbone_modules())
-            return
-        spec = CacheSpec(
-            dataset=datamodule.name,
-            category=datamodule.category,
-            backbone=self.hparams.backbone["name"],
-            layers=self.hparams.backbone.get("layers"),
-            input_size=self.hparams.backbone["input_size"],
-            image_size=datamodule.image_size,
-        )
-        paths = [str(record.image) for dataset in datasets for record in dataset.records]
-        self.feature_cache = open_feature_cache(
-            extractor, self._feature_cache_mode, paths, spec, self.hparams.feature_cache_dir
-        )
-
     # -- steps -------------------------------------------------------------------------------------
     def _latents(
-        self, batch: dict, cached: bool = False, jac: bool = True, generator: torch.Generator | None = None
+        self, batch: dict, jac: bool = True, generator: torch.Generator | None = None
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        if cached and self.feature_cache is not None:
-            raw = self.feature_cache.features(batch["path"], batch["image"], self.model.extract)
-        else:
-            raw = self.model.extract(batch["image"])
+        raw = batch["features"] if "features" in batch else self.model.extract(batch["image"])
         return self.model.encode(self.model.normalize(raw, generator), jac=jac)
 
     def _noise_generator(self) -> torch.Generator | None:
@@ -141,15 +111,17 @@ class UFlowModule(L.LightningModule):
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def _eval_masks(self, batch: dict) -> torch.Tensor:
-        mask = batch["mask"].float()
+        """The batch's masks, which the data set resized once to ``eval_size``."""
+        mask = batch["mask"]
         if mask.shape[-1] != self.eval_size:
-            mask = F.interpolate(
-                mask, size=(self.eval_size, self.eval_size), mode="bilinear", align_corners=False
+            raise ValueError(
+                f"the data yields {mask.shape[-1]}-pixel masks, the model evaluates {self.eval_size}-pixel "
+                "maps: set dataset.eval_size to model.eval_size (the configs do: ${model.eval_size})"
             )
-        return mask >= 0.5
+        return mask.bool()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = nll_loss(*self._latents(batch, cached=True, generator=self._noise_generator()))
+        loss = nll_loss(*self._latents(batch, generator=self._noise_generator()))
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
@@ -157,7 +129,7 @@ class UFlowModule(L.LightningModule):
                 "(try model.optimizer.lr 10x lower), constant or corrupt images, or a large affine_clamp."
             )
         self.log(
-            "train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch["image"])
+            "train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch["label"])
         )
         return loss
 
@@ -165,14 +137,14 @@ class UFlowModule(L.LightningModule):
         self._val_anomalous = 0
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        z, log_jac_det = self._latents(batch, cached=True)
+        z, log_jac_det = self._latents(batch)
         self.log(
             "val/loss",
             nll_loss(z, log_jac_det),
             on_epoch=True,
             prog_bar=True,
             sync_dist=True,
-            batch_size=len(batch["image"]),
+            batch_size=len(batch["label"]),
         )
         amap = self.model.anomaly_map(z, self.eval_size)
         mask = self._eval_masks(batch)
@@ -213,6 +185,7 @@ class UFlowModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         metrics = self.test_metrics.compute()
+        self.test_curves = self.test_metrics.curves()  # synced: every rank calls it
         self.log_dict({f"test/{k}": v for k, v in metrics.items()}, sync_dist=False)
         self.test_metrics.reset()
 

@@ -25,7 +25,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -271,11 +271,12 @@ def _create_atomically(folder: Path, fill: Callable[[Path], None]) -> bool:
 
 
 class FeatureCache:
-    """Per-scale raw features by image key: looked up when stored, else extracted and stored.
+    """Per-scale raw features by image key (absolute path), filled once before training and then read
+    by the data sets in place of the images (``AnomalyDataset(features=...)``).
 
     Args:
         store: a ``MemoryStore`` (the default) or a ``DiskStore``.
-        backbone: the modules whose features are cached; checked to be frozen at the first use.
+        backbone: the modules whose features are cached; checked to be frozen before the first fill.
     """
 
     def __init__(
@@ -283,22 +284,33 @@ class FeatureCache:
     ) -> None:
         self.store = store if store is not None else MemoryStore()
         self._backbone = list(backbone)
-        self._checked = False
 
-    def features(self, keys: Sequence[str], images: torch.Tensor, extract: Extract) -> list[torch.Tensor]:
-        """Features of a batch, the missing ones extracted in one backbone call.
+    def missing(self, keys: Sequence[str]) -> list[str]:
+        """The keys whose features are not stored yet."""
+        keys = [os.path.abspath(key) for key in keys]
+        return [keys[i] for i in self.store.missing(keys)]
 
-        They come back in the images' dtype and device: the disk holds float32, which is exact for
-        float32, float16 and bfloat16 features alike.
-        """
-        if not self._checked:
-            require_frozen(self._backbone)
-            self._checked = True
-        missing = self.store.missing(keys)
-        if missing:
-            fresh = extract(images[missing])
-            self.store.write([keys[i] for i in missing], [scale.detach().cpu() for scale in fresh])
-        return [scale.to(images.device, images.dtype) for scale in self.store.read(keys)]
+    def fill(self, batches: Iterable[tuple[Sequence[str], torch.Tensor]], extract: Extract) -> int:
+        """Extract and store the features of every ``(keys, images)`` batch; returns the image count."""
+        require_frozen(self._backbone)
+        count = 0
+        for keys, images in batches:
+            fresh = extract(images)
+            self.store.write(
+                [os.path.abspath(key) for key in keys], [scale.detach().cpu() for scale in fresh]
+            )
+            count += len(keys)
+        return count
+
+    def read(self, key: str) -> list[torch.Tensor]:
+        """The stored features of one image, (C, ...) per scale, on the CPU."""
+        key = os.path.abspath(key)
+        if self.store.missing([key]):
+            raise FeatureCacheError(
+                f"image {key} has no features in the cache: it was not among the images the cache "
+                "was filled with before training (the data changed after the fit started?)"
+            )
+        return [scale[0] for scale in self.store.read([key])]
 
 
 def _feature_shapes(extractor: Extractor, image_size: int) -> list[tuple[int, ...]]:
@@ -332,7 +344,7 @@ def open_feature_cache(
         log.info("Feature cache in memory: %s", size)
         return FeatureCache(backbone=backbone)
     if root is None:
-        raise ValueError("a feature cache on disk needs a folder: set model.feature_cache_dir")
+        raise ValueError("a feature cache on disk needs a folder: set feature_cache_dir")
     key = cache_key(spec, weights_digest(backbone), images)
     store = DiskStore.open(Path(root), spec.label, key, images, shapes)
     state = "new" if store.created else f"reused, {store.filled_rows} of {len(images)} rows already filled"

@@ -47,6 +47,7 @@ BATCH = {"resnet18": 4, "efficientnet_lite0": 4}  # others: 2
 CACHED_EPOCHS = 3
 SCALING_IMAGES = (2, 4, 8)
 SCALING_SIZES = (128, 256, 384)
+LARGE_FILE_SIDE = 1024  # PNG files of the data-path point: decoding them is what a served epoch skips
 
 
 def build(backbone: str, size: int, device: torch.device) -> UFlow:
@@ -63,13 +64,29 @@ def batches(n: int, batch: int):
     return [range(start, min(start + batch, n)) for start in range(0, n, batch)]
 
 
+def cached_features(
+    cache: FeatureCache, keys: list[str], images: torch.Tensor, extract
+) -> list[torch.Tensor]:
+    """What a training batch carries: the features of ``keys``, the missing ones filled first."""
+    missing = set(cache.missing(keys))
+    fresh = [i for i, key in enumerate(keys) if os.path.abspath(key) in missing]
+    if fresh:
+        cache.fill([([keys[i] for i in fresh], images[fresh])], extract)
+    per_image = [cache.read(key) for key in keys]
+    return [torch.stack(scale).to(images.device) for scale in zip(*per_image, strict=True)]
+
+
+def flow_step(model, raw, optimizer) -> None:
+    loss = nll_loss(*model.encode(model.normalize(raw)))
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
 def train_epoch(model, cache, x, batch, optimizer) -> None:
     for rows in batches(len(x), batch):
-        raw = cache.features([str(i) for i in rows], x[rows.start : rows.stop], model.extract)
-        loss = nll_loss(*model.encode(model.normalize(raw)))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        keys = [str(i) for i in rows]
+        flow_step(model, cached_features(cache, keys, x[rows.start : rows.stop], model.extract), optimizer)
 
 
 def epoch_seconds(model, cache, x, batch, device) -> tuple[float, float]:
@@ -193,6 +210,45 @@ def store_point(model, store: str, n: int, device: torch.device) -> dict:
     return {"store": store, "images": n, "first": n / first, "cached": n / cached}
 
 
+def data_path_point(model, n: int, side: int, device: torch.device) -> dict:
+    """Cached epochs of ``n`` ``side``-px PNG files through ``AnomalyDataset``: the images decoded every
+    epoch and the features looked up by path (the data path before the training task served
+    features), against the loader serving the stored features (no decoding)."""
+    from PIL import Image
+    from torch.utils.data import DataLoader
+
+    from uflow_exp.data import AnomalyDataset, Record
+
+    with tempfile.TemporaryDirectory() as root:
+        records = []
+        for i in range(n):
+            path = Path(root) / f"{i}.png"
+            noise = torch.randint(0, 256, (side, side, 3), generator=torch.Generator().manual_seed(i))
+            Image.fromarray(noise.to(torch.uint8).numpy()).save(path)
+            records.append(Record(path, None, 0))
+        cache = FeatureCache(MemoryStore())
+        decoding = AnomalyDataset(records, model.input_size)
+        cache.fill(
+            ((b["path"], b["image"].to(device)) for b in DataLoader(decoding, batch_size=4)), model.extract
+        )
+        served = AnomalyDataset(records, model.input_size, features=cache)
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def decoded_epoch() -> None:
+            for b in DataLoader(decoding, batch_size=4):
+                raw = [
+                    torch.stack(s).to(device) for s in zip(*(cache.read(k) for k in b["path"]), strict=True)
+                ]
+                flow_step(model, raw, optimizer)
+
+        def served_epoch() -> None:
+            for b in DataLoader(served, batch_size=4):
+                flow_step(model, [f.to(device) for f in b["features"]], optimizer)
+
+        medians, _ = interleaved_medians({"decoded": decoded_epoch, "served": served_epoch}, 3, device)
+    return {"images": n, "side": side, "decoded": n / medians["decoded"], "served": n / medians["served"]}
+
+
 def run_scaling(device: torch.device) -> dict:
     """resnet18's seconds per image against image count (at 256) and input size (4 images), and its
     epochs with the feature cache in memory and on disk."""
@@ -202,7 +258,8 @@ def run_scaling(device: torch.device) -> dict:
         points += [scaling_point(model, size, n, device) for n in counts]
     model = build("resnet18", 256, device)
     stores = [store_point(model, store, SCALING_IMAGES[-1], device) for store in ("memory", "disk")]
-    return {"points": points, "stores": stores}
+    data_path = data_path_point(model, SCALING_IMAGES[-1], LARGE_FILE_SIDE, device)
+    return {"points": points, "stores": stores, "data_path": data_path}
 
 
 def child(args) -> None:
@@ -240,7 +297,7 @@ def print_table(header: list[str], rows: list[list]) -> None:
         print(markdown(row))
 
 
-def print_tables(results: list[dict], scaling: dict | None, device: str) -> None:
+def print_case_table(results: list[dict]) -> None:
     header = ["case", "images (batch)", "train 1st epoch img/s", "train cached img/s", "cached / 1st"]
     header += [
         "flow step img/s: reference",
@@ -268,6 +325,59 @@ def print_tables(results: list[dict], scaling: dict | None, device: str) -> None
         for r in results
     ]
     print_table(header, rows)
+
+
+def print_bf16_table(results: list[dict]) -> None:
+    header = ["case", "inference map img/s fp32", "bf16 autocast", "bf16 / fp32"]
+    header += ["max map difference / map range"]
+    rows = [
+        [
+            r["case"],
+            f"{r['infer_map']:.2f}",
+            f"{r['infer_map_bf16']:.2f}",
+            f"{r['infer_map_bf16'] / r['infer_map']:.2f}x",
+            f"{r['bf16_map_diff']:.1e}",
+        ]
+        for r in results
+    ]
+    print_table(header, rows)
+
+
+def print_scaling_tables(scaling: dict) -> None:
+    print("\nresnet18@256, the feature cache in memory and memory-mapped on disk:\n")
+    header = ["store", "images", "train 1st epoch img/s", "train cached img/s"]
+    rows = [[r["store"], r["images"], f"{r['first']:.2f}", f"{r['cached']:.2f}"] for r in scaling["stores"]]
+    print_table(header, rows)
+    d = scaling["data_path"]
+    print(
+        f"\nresnet18@256, cached epochs of {d['images']} {d['side']}-px PNG files through AnomalyDataset:\n"
+    )
+    header = [
+        "images decoded every epoch img/s",
+        "features served, nothing decoded img/s",
+        "served / decoded",
+    ]
+    print_table(header, [[f"{d['decoded']:.2f}", f"{d['served']:.2f}", f"{d['served'] / d['decoded']:.2f}x"]])
+    points = scaling["points"]
+    base = next(r for r in points if r["size"] == 256 and r["images"] == SCALING_IMAGES[0])
+    print("\nresnet18, seconds per image (relative to 256 px with the fewest images):\n")
+    header = ["input", "images", "cached epoch s/image", "relative", "inference s/image", "relative"]
+    rows = [
+        [
+            r["size"],
+            r["images"],
+            f"{r['epoch_s_per_image']:.3f}",
+            f"{r['epoch_s_per_image'] / base['epoch_s_per_image']:.2f}",
+            f"{r['infer_s_per_image']:.3f}",
+            f"{r['infer_s_per_image'] / base['infer_s_per_image']:.2f}",
+        ]
+        for r in points
+    ]
+    print_table(header, rows)
+
+
+def print_tables(results: list[dict], scaling: dict | None, device: str) -> None:
+    print_case_table(results)
     if device == "cuda":
         print()
         print_table(
@@ -275,42 +385,9 @@ def print_tables(results: list[dict], scaling: dict | None, device: str) -> None
         )
     if any("bf16_map_diff" in r for r in results):
         print()
-        header = ["case", "inference map img/s fp32", "bf16 autocast", "bf16 / fp32"]
-        header += ["max map difference / map range"]
-        rows = [
-            [
-                r["case"],
-                f"{r['infer_map']:.2f}",
-                f"{r['infer_map_bf16']:.2f}",
-                f"{r['infer_map_bf16'] / r['infer_map']:.2f}x",
-                f"{r['bf16_map_diff']:.1e}",
-            ]
-            for r in results
-        ]
-        print_table(header, rows)
+        print_bf16_table(results)
     if scaling:
-        print("\nresnet18@256, the feature cache in memory and memory-mapped on disk:\n")
-        header = ["store", "images", "train 1st epoch img/s", "train cached img/s"]
-        rows = [
-            [r["store"], r["images"], f"{r['first']:.2f}", f"{r['cached']:.2f}"] for r in scaling["stores"]
-        ]
-        print_table(header, rows)
-        scaling = scaling["points"]
-        base = next(r for r in scaling if r["size"] == 256 and r["images"] == SCALING_IMAGES[0])
-        print("\nresnet18, seconds per image (relative to 256 px with the fewest images):\n")
-        header = ["input", "images", "cached epoch s/image", "relative", "inference s/image", "relative"]
-        rows = [
-            [
-                r["size"],
-                r["images"],
-                f"{r['epoch_s_per_image']:.3f}",
-                f"{r['epoch_s_per_image'] / base['epoch_s_per_image']:.2f}",
-                f"{r['infer_s_per_image']:.3f}",
-                f"{r['infer_s_per_image'] / base['infer_s_per_image']:.2f}",
-            ]
-            for r in scaling
-        ]
-        print_table(header, rows)
+        print_scaling_tables(scaling)
 
 
 def main():

@@ -151,8 +151,8 @@ def test_optuna_search_records_a_failed_trial_and_goes_on(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes(tmp_path):
-    root = fake_layouts.make_mvtec(tmp_path / "mvtec", n_train=8, size=64)
+def test_ddp_on_two_cpu_processes_counts_each_test_image_once(tmp_path):
+    root = fake_layouts.make_mvtec(tmp_path / "mvtec", n_train=8, n_test_good=3, size=64)
     cli = [o for o in CLI_TINY if not o.startswith("trainer=")]
     features = tmp_path / "features"
     run_cli(
@@ -168,10 +168,23 @@ def test_ddp_on_two_cpu_processes(tmp_path):
         ],
         tmp_path,
     )
-    metrics = json.loads(next((tmp_path / "logs" / "train" / "runs").glob("*/metrics.json")).read_text())
-    assert 0.0 <= metrics["test/pixel_auroc"] <= 1.0
+    (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    metrics = json.loads((run / "metrics.json").read_text())
     (folder,) = features.iterdir()  # one folder, no leftover temporary one
     assert np.load(folder / "filled.npy").all()
+    # 5 test images on 2 processes: each counted once, so the metrics are those of one process
+    # evaluating the same checkpoint
+    from uflow_exp.tasks.evaluate import evaluate
+
+    data = ["dataset=mvtec", f"dataset.root={root}", "dataset.num_workers=0"]
+    (ckpt,) = run.rglob("*.ckpt")  # callbacks=none: Lightning's own checkpoint of the one epoch
+    single = evaluate(
+        compose_train([*data, "logger=csv", "trainer=cpu", f"ckpt_path='{ckpt}'"], tmp_path / "eval", "eval")
+    )
+    tested = [key for key in metrics if key.startswith("test/")]
+    assert "test/pixel_auroc" in tested and "test/image_auroc" in tested
+    for key in tested:
+        assert metrics[key] == pytest.approx(single[key], rel=1e-6, nan_ok=True), key
 
 
 def read_wandb_records(path: Path):

@@ -9,6 +9,7 @@ from types import ModuleType
 
 import lightning as L
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Sampler
 
 from uflow_exp.data import btad, folder, lgg_mri, mvtec, stc, textures
@@ -58,6 +59,21 @@ class EpochSeededSampler(Sampler[int]):
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         return iter(torch.randperm(self.length, generator=generator).tolist())
+
+
+def _evaluation_sampler(dataset: AnomalyDataset) -> Sampler[int] | None:
+    """Under DDP, each rank evaluates every world_size-th image and no image twice.
+
+    Lightning would otherwise give evaluation loaders a DistributedSampler, which pads the shards by
+    repeating images, so that an image counts twice in the metrics whenever the set's size is not a
+    multiple of the number of processes. Off-by-one shard sizes are safe in evaluation (no gradient
+    sync), as Lightning's own prediction loop relies on.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    if torch.distributed.get_world_size() == 1:
+        return None
+    return UnrepeatedDistributedSampler(dataset, shuffle=False)
 
 
 class AnomalyDataModule(L.LightningDataModule):
@@ -196,7 +212,7 @@ class AnomalyDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            sampler=EpochSeededSampler(len(dataset), self.seed) if shuffle else None,
+            sampler=EpochSeededSampler(len(dataset), self.seed) if shuffle else _evaluation_sampler(dataset),
             drop_last=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -7,10 +8,18 @@ import torch
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
+# CI sets this: there a missing fixture or data folder is a failure, never a silent skip.
+REQUIRE_SHARED = os.environ.get("UFLOW_REQUIRE_SHARED") == "1"
+
+
 def shared_path(*parts: str) -> Path:
+    """A path under ../shared; absent, the test is skipped (or fails under UFLOW_REQUIRE_SHARED=1)."""
     path = SHARED.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"{path} not found (the shared/ folder beside the checkout)")
+        message = f"{path} not found (the shared/ folder beside the checkout)"
+        if REQUIRE_SHARED:
+            pytest.fail(f"{message}; UFLOW_REQUIRE_SHARED=1 requires it")
+        pytest.skip(message)
     return path
 
 

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from scipy.stats import rankdata
 
+from tests.conftest import shared_path
 from tests.fake_layouts import (
     DEFECT,
     defect_pair,
@@ -42,7 +43,6 @@ from uflow_exp.data import stc as stc_layout
 from uflow_exp.data.textures import generate
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
-LGG_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lgg_mri_sample"
 SIZE = 64  # the backbone.input_size the configs are composed with
 
 
@@ -169,9 +169,8 @@ def test_lgg_splits_by_patient_with_tumour_only_in_test(tmp_path):
 
 
 def test_lgg_on_the_real_sample_slices():
-    if not (LGG_SAMPLE / "kaggle_3m").is_dir():
-        pytest.skip(f"{LGG_SAMPLE} not found")
-    dm = ready("lgg_mri", root=str(LGG_SAMPLE), val_split="test", image_size=256)
+    sample = shared_path("data", "lgg_mri_sample")
+    dm = ready("lgg_mri", root=str(sample), val_split="test", image_size=256)
     patient = lambda r: r.image.parent.name  # noqa: E731
     train_patients = {patient(r) for r in dm.train_dataset.records}
     test_patients = {patient(r) for r in dm.test_dataset.records}

@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf, open_dict
 
 from tests import fake_layouts
@@ -32,10 +33,42 @@ class CrashAtEpoch(L.Callback):
             raise RuntimeError(f"simulated crash at epoch {self.epoch}")
 
 
-def test_resume_from_last_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
+class RecordEpochs(L.Callback):
+    """Appends each epoch the trainer runs to ``EPOCHS_RUN``."""
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        EPOCHS_RUN.append(trainer.current_epoch)
+
+
+EPOCHS_RUN: list[int] = []
+
+
+def assert_same_state(a: dict, b: dict, rel: float = 1e-6) -> None:
+    """Equal nested checkpoint states: tensors to ``rel`` of their largest magnitude, the rest exactly."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same_state(a[key], b[key], rel)
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same_state(x, y, rel)
+    elif isinstance(a, torch.Tensor):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        scale = a.abs().max().item() if a.numel() and a.is_floating_point() else 0.0
+        assert torch.allclose(a, b, rtol=0, atol=rel * scale) if a.is_floating_point() else torch.equal(a, b)
+    else:
+        assert a == b
+
+
+def test_resume_from_last_checkpoint_continues_where_the_run_stopped(tmp_path):
     root = fake_layouts.make_mvtec(tmp_path / "data", n_train=10, size=64)
     overrides = [*TINY, "dataset=mvtec", f"dataset.root={root}", "trainer.max_epochs=3"]
-    straight = train(compose_train(overrides, tmp_path / "straight"))
+    recorder = {"_target_": f"{__name__}.RecordEpochs"}
+    straight_cfg = compose_train(overrides, tmp_path / "straight")
+    with open_dict(straight_cfg):
+        straight_cfg.callbacks.record = recorder
+    straight = train(straight_cfg)
 
     crashing = compose_train(overrides, tmp_path / "resumed")
     with open_dict(crashing):
@@ -43,8 +76,21 @@ def test_resume_from_last_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(crashing)
     last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
-    assert last.is_file()
-    resumed = train(compose_train([*overrides, f"ckpt_path={last}"], tmp_path / "resumed"))
+    assert torch.load(last, weights_only=True)["epoch"] == 1  # the last finished epoch
+
+    EPOCHS_RUN.clear()
+    resumed_cfg = compose_train([*overrides, f"ckpt_path={last}"], tmp_path / "resumed")
+    with open_dict(resumed_cfg):
+        resumed_cfg.callbacks.record = recorder
+    resumed = train(resumed_cfg)
+    assert EPOCHS_RUN == [2]  # only the epoch the crash lost, not a retraining from scratch
+    # the weights and the optimiser's moments are those of the uninterrupted run
+    ends = [
+        torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+        for run in (tmp_path / "straight", tmp_path / "resumed")
+    ]
+    assert_same_state(ends[0]["state_dict"], ends[1]["state_dict"])
+    assert_same_state(ends[0]["optimizer_states"], ends[1]["optimizer_states"])
     assert set(resumed) == set(straight)
     for key in straight:
         if key.startswith(("test/", "val/", "train/")):

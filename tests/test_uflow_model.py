@@ -14,28 +14,39 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.fixture(scope="module")
-def reference_model(reference_resnet18):
+def build_reference_model(reference_resnet18: dict, fast_flow: bool = True) -> UFlow:
     model = UFlow(
-        backbone="resnet18", input_size=256, flow_steps=reference_resnet18["flow_steps"], pretrained=False
+        backbone="resnet18",
+        input_size=256,
+        flow_steps=reference_resnet18["flow_steps"],
+        pretrained=False,
+        fast_flow=fast_flow,
     )
     model.load_reference_state_dict(reference_resnet18["state_dict"])
     return model.eval()
 
 
-def test_reproduces_reference_latents_loss_and_map(reference_model, reference_resnet18):
+@pytest.fixture(scope="module")
+def reference_model(reference_resnet18):
+    return build_reference_model(reference_resnet18)
+
+
+@pytest.mark.parametrize("fast_flow", [True, False], ids=["fast_blocks", "freia_blocks"])
+def test_reproduces_reference_latents_loss_and_map(reference_resnet18, fast_flow):
     ref = reference_resnet18
+    model = build_reference_model(ref, fast_flow)
     with torch.no_grad():
-        z, log_jac_det = reference_model.encode(reference_model.normalize(ref["raw_features"]))
+        z, log_jac_det = model.encode(model.normalize(ref["raw_features"]))
         loss = nll_loss(z, log_jac_det)
-        amap = reference_model.anomaly_map(z, size=256)
+        amap = model.anomaly_map(z, size=256)
     assert [tuple(t.shape) for t in z] == [tuple(t.shape) for t in ref["z"]]
+    # float32 rounding of differently ordered sums: measured at most 1e-6 (log det J); 1e-5 bounds it
     for ours, theirs in zip(z, ref["z"], strict=True):
-        assert rel_err(ours, theirs) < 1e-4
-    assert rel_err(log_jac_det, ref["log_jac_det"]) < 1e-4
-    assert rel_err(loss, ref["loss"]) < 1e-4
+        assert rel_err(ours, theirs) < 1e-5
+    assert rel_err(log_jac_det, ref["log_jac_det"]) < 1e-5
+    assert rel_err(loss, ref["loss"]) < 1e-5
     assert amap.shape == (2, 1, 256, 256)
-    assert (amap - ref["anomaly_map"]).abs().max().item() < 1e-5
+    assert (amap - ref["anomaly_map"]).abs().max().item() < 1e-6
 
 
 def test_parameter_layout_is_the_references(reference_resnet18):

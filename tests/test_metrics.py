@@ -417,3 +417,59 @@ def test_pixel_metrics_skip_images_without_pixel_truth():
     }
     assert a["image_auroc"] == c["image_auroc"]  # every image counts at image level
     assert a["detection_recall"] == (scores[labels.bool()] > 0.6).flatten(1).any(1).double().mean()
+
+
+def _mann_whitney(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Tie-aware AUROC by counting every (positive, negative) pair."""
+    pos, neg = scores[positive], scores[~positive]
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return wins / (len(pos) * len(neg))
+
+
+def _per_image_iou(seg: np.ndarray, gt: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    inter = (seg & gt).reshape(len(seg), -1).sum(1)
+    union = (seg | gt).reshape(len(seg), -1).sum(1)
+    return (inter + eps) / (union + eps)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_metrics_equal_brute_force_on_random_data(seed):
+    """Image AUROC, pixel AUROC, mIoU, pixel F1, oracle mIoU and the detection rates of random maps,
+    masks and segmentations, fed in uneven batches, against direct computations over all pixels, images
+    and thresholds. Scores sit mid-bin, so binning loses nothing and the values must agree exactly."""
+    rng = np.random.default_rng(seed)
+    n_images, side, n_bins = 13, 6, 20
+    labels = np.r_[np.zeros(5, bool), np.ones(8, bool)]
+    gt = np.zeros((n_images, 1, side, side), bool)
+    for i in np.flatnonzero(labels):
+        r, c, h, w = rng.integers(0, 4), rng.integers(0, 4), rng.integers(1, 3), rng.integers(1, 3)
+        gt[i, 0, r : r + h, c : c + w] = True
+    maps = (rng.integers(0, n_bins, gt.shape) + 0.5) / n_bins
+    maps = np.where(gt, np.minimum(maps + 0.3, (n_bins - 0.5) / n_bins), maps).astype(np.float32)
+    seg = rng.random(gt.shape) < np.where(gt, 0.6, 0.05)
+    seg[0] = False  # a clean normal image
+
+    metrics = AnomalyMetrics(n_bins=n_bins)
+    for start, stop in ((0, 4), (4, 5), (5, 13)):
+        metrics.update(
+            torch.from_numpy(maps[start:stop]),
+            torch.from_numpy(gt[start:stop]),
+            torch.from_numpy(seg[start:stop]),
+            labels=torch.from_numpy(labels[start:stop].astype(np.int64)),
+        )
+    got = metrics.compute()
+
+    assert got["image_auroc"] == pytest.approx(
+        _mann_whitney(maps.reshape(n_images, -1).max(1), labels), abs=1e-6
+    )
+    assert got["pixel_auroc"] == pytest.approx(_mann_whitney(maps.ravel(), gt.ravel()), abs=1e-9)
+    assert got["miou"] == pytest.approx(_per_image_iou(seg, gt).mean(), abs=1e-9)
+    tp, fp, fn = (seg & gt).sum(), (seg & ~gt).sum(), (~seg & gt).sum()
+    assert got["pixel_f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn), abs=1e-6)
+    best = max(_per_image_iou(maps >= k / n_bins, gt).mean() for k in range(n_bins + 1))
+    assert got["best_miou"] == pytest.approx(best, abs=1e-9)
+    flagged = seg.reshape(n_images, -1).any(1)
+    assert got["false_alarm_rate"] == pytest.approx(flagged[~labels].mean())
+    assert got["detection_recall"] == pytest.approx(flagged[labels].mean())
+    assert got["detection_precision"] == pytest.approx(labels[flagged].mean())
+    assert got["miou_anomalous"] == pytest.approx(_per_image_iou(seg, gt)[labels].mean(), abs=1e-9)

@@ -10,47 +10,39 @@ in checkpoints and evaluation / prediction reuse them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import Metric
 
+from uflow_exp.metrics.pixel import PixelHistogram
 from uflow_exp.nfa import block_nfa, tree_nfa
 
 
-class ScoreHistogram(Metric):
-    """Counts of normal and anomalous pixel scores in equal bins over [0, 1] (DDP-synced sums)."""
+class Segmentation(NamedTuple):
+    """What ``Threshold.segment`` returns: ``mask`` (B, 1, S, S) bool and ``significance``, the map it
+    thresholds (the anomaly map, or -log10 NFA for the NFA modes), of the same shape."""
 
-    full_state_update = False
-
-    def __init__(self, n_bins: int = 10_000) -> None:
-        super().__init__()
-        self.n_bins = n_bins
-        self.add_state("normal", torch.zeros(n_bins, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("anomalous", torch.zeros(n_bins, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, scores: Tensor, mask: Tensor) -> None:
-        bins = (scores.detach().flatten().clamp(0, 1) * self.n_bins).long().clamp_max(self.n_bins - 1)
-        positive = mask.flatten() > 0.5
-        self.normal += torch.bincount(bins[~positive], minlength=self.n_bins).to(self.normal)
-        self.anomalous += torch.bincount(bins[positive], minlength=self.n_bins).to(self.anomalous)
-
-    def compute(self) -> tuple[Tensor, Tensor]:
-        return self.normal, self.anomalous
-
-    def edges(self) -> Tensor:
-        """Lower edge of each bin: a threshold there keeps that bin and all above it."""
-        return torch.arange(self.n_bins, dtype=torch.float64) / self.n_bins
+    mask: Tensor
+    significance: Tensor
 
 
 class Threshold(nn.Module):
-    """Base class. ``segment`` returns ``(mask, significance)``: a (B, 1, S, S) bool mask and the
-    map it thresholds (the anomaly map or -log10 NFA)."""
+    """Base class of the threshold modes.
+
+    ``significance`` names what ``segment`` thresholds (``"neg_log10_nfa"`` or ``"anomaly_map"``) and
+    ``level`` is the value it thresholds at, so callers need no knowledge of the mode.
+    """
 
     needs_calibration = False
     needs_labels = False
+    significance: str = "anomaly_map"
 
-    def segment(self, z: Sequence[Tensor], amap: Tensor) -> tuple[Tensor, Tensor]:
+    @property
+    def level(self) -> float:
+        raise NotImplementedError
+
+    def segment(self, z: Sequence[Tensor], amap: Tensor) -> Segmentation:
         raise NotImplementedError
 
     def calibration_update(self, amap: Tensor, mask: Tensor) -> None:
@@ -60,40 +52,52 @@ class Threshold(nn.Module):
         """Set the threshold from what ``calibration_update`` saw, then forget it."""
 
 
-class NFATreeThreshold(Threshold):
+class _NFAThreshold(Threshold):
+    """Pixels whose -log10 NFA exceeds ``log_nfa_threshold`` (0: under one expected false alarm)."""
+
+    significance = "neg_log10_nfa"
+
+    def __init__(self, log_nfa_threshold: float = 0.0) -> None:
+        super().__init__()
+        self.log_nfa_threshold = log_nfa_threshold
+
+    @property
+    def level(self) -> float:
+        return float(self.log_nfa_threshold)
+
+    def _neg_log_nfa(self, z: list[Tensor], size: int) -> Tensor:
+        raise NotImplementedError
+
+    def segment(self, z, amap):
+        significance = self._neg_log_nfa([t.float() for t in z], amap.shape[-1]).to(amap.device)
+        return Segmentation(significance > self.log_nfa_threshold, significance)
+
+
+class NFATreeThreshold(_NFAThreshold):
     """The tree NFA; ``clip_lower_tail`` and ``tests_by_size`` are ``tree_nfa``'s options (both off:
     the reference, exactly)."""
 
     def __init__(
         self, log_nfa_threshold: float = 0.0, clip_lower_tail: bool = False, tests_by_size: bool = False
     ) -> None:
-        super().__init__()
-        self.log_nfa_threshold = log_nfa_threshold
+        super().__init__(log_nfa_threshold)
         self.clip_lower_tail = clip_lower_tail
         self.tests_by_size = tests_by_size
 
-    def segment(self, z, amap):
-        significance = tree_nfa(
-            [t.float() for t in z],
-            amap.shape[-1],
-            clip_lower_tail=self.clip_lower_tail,
-            tests_by_size=self.tests_by_size,
-        ).to(amap.device)
-        return significance > self.log_nfa_threshold, significance
+    def _neg_log_nfa(self, z, size):
+        return tree_nfa(z, size, clip_lower_tail=self.clip_lower_tail, tests_by_size=self.tests_by_size)
 
 
-class NFABlockThreshold(Threshold):
+class NFABlockThreshold(_NFAThreshold):
+    """The block NFA over ``win_size`` windows of latent pixels beyond the ``probability`` quantile."""
+
     def __init__(self, log_nfa_threshold: float = 0.0, win_size: int = 5, probability: float = 0.9) -> None:
-        super().__init__()
-        self.log_nfa_threshold = log_nfa_threshold
+        super().__init__(log_nfa_threshold)
         self.win_size = win_size
         self.probability = probability
 
-    def segment(self, z, amap):
-        significance = block_nfa(
-            [t.float() for t in z], amap.shape[-1], win_size=self.win_size, probability=self.probability
-        ).to(amap.device, torch.float32)
-        return significance > self.log_nfa_threshold, significance
+    def _neg_log_nfa(self, z, size):
+        return block_nfa(z, size, win_size=self.win_size, probability=self.probability).float()
 
 
 class _CalibratedThreshold(Threshold):
@@ -101,7 +105,7 @@ class _CalibratedThreshold(Threshold):
 
     def __init__(self, n_bins: int = 10_000) -> None:
         super().__init__()
-        self.histogram = ScoreHistogram(n_bins)
+        self.histogram = PixelHistogram(n_bins)
         # NaN until calibrated: segmenting with an uncalibrated threshold is refused.
         self.register_buffer("value", torch.tensor(float("nan")))
 
@@ -110,19 +114,25 @@ class _CalibratedThreshold(Threshold):
 
     def calibrate(self) -> None:
         normal, anomalous = self.histogram.compute()
-        self.value.fill_(self._choose(normal.cpu(), anomalous.cpu(), self.histogram.edges()))
+        self.value.fill_(
+            self._choose(normal.cpu().double(), anomalous.cpu().double(), self.histogram.edges())
+        )
         self.histogram.reset()
 
     def _choose(self, normal: Tensor, anomalous: Tensor, edges: Tensor) -> float:
         raise NotImplementedError
 
-    def segment(self, z, amap):
+    @property
+    def level(self) -> float:
         if torch.isnan(self.value):
             raise RuntimeError(
                 f"{type(self).__name__} was never calibrated: it needs a validation set "
                 "(dataset.val_split) and at least one validation epoch"
             )
-        return amap >= self.value, amap
+        return float(self.value)
+
+    def segment(self, z, amap):
+        return Segmentation(amap >= self.level, amap)
 
 
 class NormalQuantileThreshold(_CalibratedThreshold):

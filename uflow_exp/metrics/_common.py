@@ -37,6 +37,12 @@ def bin_index(scores: Tensor, n_bins: int) -> Tensor:
     return (scores.float().clamp(0.0, 1.0) * n_bins).long().clamp_(max=n_bins - 1)
 
 
+def pixel_histogram(scores: Tensor, gt: Tensor, n_bins: int) -> Tensor:
+    """(2, n_bins) int64 counts of the pixels' score bins: row 0 normal pixels, row 1 anomalous ones."""
+    index = bin_index(scores, n_bins) + n_bins * gt.long()
+    return torch.bincount(index.flatten(), minlength=2 * n_bins).view(2, n_bins)
+
+
 def curve_from_top(per_bin: Tensor, total: Tensor) -> Tensor:
     """Fraction of the mass at or above each bin cut, ordered from the highest cut (0) to the lowest (1).
 

@@ -20,7 +20,14 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import rank_zero_warn
 
-from uflow_exp.metrics._common import as_image_batch, bin_index, curve_from_top, partial_area, warn_undefined
+from uflow_exp.metrics._common import (
+    as_image_batch,
+    bin_index,
+    curve_from_top,
+    partial_area,
+    pixel_histogram,
+    warn_undefined,
+)
 
 DEFAULT_N_BINS = 10_000
 DEFAULT_WARN_BOUND = 1e-3
@@ -93,9 +100,7 @@ class PixelAUROC(_BinnedAreaMetric):
         self.add_state("hist", torch.zeros(2, n_bins, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, anomaly_map: Tensor, gt_mask: Tensor) -> None:
-        scores, gt = as_image_batch(anomaly_map, gt_mask)
-        index = bin_index(scores, self.n_bins) + self.n_bins * gt.long()
-        self.hist += torch.bincount(index.flatten(), minlength=2 * self.n_bins).view(2, self.n_bins)
+        self.hist += pixel_histogram(*as_image_batch(anomaly_map, gt_mask), self.n_bins)
 
     def curve(self) -> tuple[Tensor, Tensor] | None:
         """(FPR, TPR) at every bin cut, from the highest threshold down; None when undefined."""
@@ -110,6 +115,28 @@ class PixelAUROC(_BinnedAreaMetric):
             warn_undefined("Pixel AUROC", "the test pixels do not contain both anomalous and normal pixels")
             return None
         return partial_area(*curve, 1.0)
+
+
+class PixelHistogram(Metric):
+    """Per-bin counts of normal (row 0) and anomalous (row 1) pixel scores (DDP-synced sums): what a
+    calibrated threshold chooses its value from, binned as the pixel metrics bin."""
+
+    full_state_update = False
+
+    def __init__(self, n_bins: int = DEFAULT_N_BINS, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.n_bins = n_bins
+        self.add_state("hist", torch.zeros(2, n_bins, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, anomaly_map: Tensor, gt_mask: Tensor) -> None:
+        self.hist += pixel_histogram(*as_image_batch(anomaly_map, gt_mask), self.n_bins)
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        return self.hist[0], self.hist[1]
+
+    def edges(self) -> Tensor:
+        """Lower edge of each bin: a threshold there keeps that bin and all above it."""
+        return torch.arange(self.n_bins, dtype=torch.float64) / self.n_bins
 
 
 class PixelAUPRO(_BinnedAreaMetric):

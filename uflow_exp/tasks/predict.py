@@ -27,7 +27,6 @@ from uflow_exp.data import AnomalyDataset, BadFileError, Record
 from uflow_exp.data.io import read_image
 from uflow_exp.data.records import IMAGE_SUFFIXES, list_images, natural_key
 from uflow_exp.models.uflow.lightning_module import UFlowModule
-from uflow_exp.thresholds import NFABlockThreshold, NFATreeThreshold
 from uflow_exp.utils import print_config, require_checkpoint
 
 log = logging.getLogger(__name__)
@@ -215,8 +214,8 @@ def predict(cfg: DictConfig) -> dict[str, float]:
         cfg.threshold = dict(module.hparams.threshold)  # what ran, in config_resolved.yaml
     print_config(cfg, Path(cfg.paths.output_dir) / "config_resolved.yaml")
     threshold = module.threshold
-    nfa = isinstance(threshold, (NFATreeThreshold, NFABlockThreshold))
-    level = float(threshold.value) if hasattr(threshold, "value") else None  # calibrated modes: a map value
+    nfa = threshold.significance == "neg_log10_nfa"
+    level = None if nfa else threshold.level  # calibrated modes: the map value the colour bar marks
     write = _Writer(output, cfg.raw_map, float(cfg.overlay_alpha), nfa, level)
     loader = DataLoader(
         _Guarded(files, module.hparams.backbone["input_size"]),

@@ -168,8 +168,12 @@ class UFlowModule(L.LightningModule):
         """Anomaly map, segmentation and the map it thresholds, at ``eval_size``."""
         z, _ = self._latents(batch, jac=False)  # maps and thresholds need only the latents
         amap = self.model.anomaly_map(z, self.eval_size)
-        segmentation, significance = self.threshold.segment(z, amap)
-        return {"anomaly_map": amap, "segmentation": segmentation, "significance": significance}
+        segmentation = self.threshold.segment(z, amap)
+        return {
+            "anomaly_map": amap,
+            "segmentation": segmentation.mask,
+            "significance": segmentation.significance,
+        }
 
     def test_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         outputs = self.predict_step(batch, batch_idx)

@@ -1,0 +1,136 @@
+"""Threshold modes: calibrated values against brute force, the refusal to segment uncalibrated, and
+the NFA adapters against the NFA functions they wrap."""
+
+import numpy as np
+import pytest
+import torch
+
+from uflow_exp.nfa import block_nfa, tree_nfa
+from uflow_exp.thresholds import (
+    F1AdaptiveThreshold,
+    NFABlockThreshold,
+    NFATreeThreshold,
+    NormalQuantileThreshold,
+    Segmentation,
+)
+
+N_BINS = 1000
+
+
+def random_maps(seed: int, n_images: int = 6, side: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps in [0, 1] whose anomalous pixels (a square per odd image) score higher on average."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(n_images, 1, side, side, dtype=torch.bool)
+    mask[1::2, :, 4:9, 5:11] = True
+    maps = torch.rand(mask.shape, generator=g) * 0.7 + mask * 0.25 * torch.rand(mask.shape, generator=g)
+    return maps, mask
+
+
+def calibrated(threshold, maps: torch.Tensor, mask: torch.Tensor, batch: int = 4):
+    for start in range(0, len(maps), batch):
+        threshold.calibration_update(maps[start : start + batch], mask[start : start + batch])
+    threshold.calibrate()
+    return threshold
+
+
+@pytest.mark.parametrize("quantile", [0.5, 0.9, 0.999])
+@pytest.mark.parametrize("seed", range(3))
+def test_normal_quantile_flags_at_most_one_minus_quantile_of_normal_pixels(quantile, seed):
+    maps, mask = random_maps(seed)
+    threshold = calibrated(NormalQuantileThreshold(quantile, n_bins=N_BINS), maps, mask)
+    normal = maps[~mask]
+    flagged = (normal >= threshold.level).double().mean().item()
+    assert flagged <= 1 - quantile + 1e-12
+    # ...and no more conservative than one bin: a bin lower would flag more than 1 - quantile
+    one_bin_lower = (normal >= threshold.level - 1 / N_BINS).double().mean().item()
+    assert one_bin_lower > 1 - quantile or threshold.level - 1 / N_BINS < 0
+    exact = np.quantile(normal.numpy(), quantile)
+    assert exact - 1e-9 <= threshold.level <= exact + 2 / N_BINS
+
+
+def test_normal_quantile_ignores_anomalous_validation_pixels():
+    maps, mask = random_maps(0)
+    alone = calibrated(
+        NormalQuantileThreshold(0.9, n_bins=N_BINS),
+        maps[~mask][None, None, None],
+        mask[~mask][None, None, None],
+    )
+    mixed = calibrated(NormalQuantileThreshold(0.9, n_bins=N_BINS), maps, mask)
+    assert alone.level == mixed.level
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_f1_adaptive_picks_the_best_bin_edge_by_brute_force(seed):
+    maps, mask = random_maps(seed)
+    threshold = calibrated(F1AdaptiveThreshold(n_bins=N_BINS), maps, mask)
+    scores, truth = maps.flatten().double().numpy(), mask.flatten().numpy()
+
+    def f1(level: float) -> float:
+        # the binned decision: score in a bin at or above the level's bin
+        hit = np.floor(np.clip(scores, 0, 1) * N_BINS).clip(max=N_BINS - 1) >= round(level * N_BINS)
+        tp, fp, fn = (hit & truth).sum(), (hit & ~truth).sum(), (~hit & truth).sum()
+        return 2 * tp / (2 * tp + fp + fn)
+
+    best = max(f1(k / N_BINS) for k in range(N_BINS))
+    assert f1(threshold.level) == pytest.approx(best, abs=1e-12)
+    segmentation = threshold.segment([], maps)
+    assert torch.equal(segmentation.mask, maps >= threshold.level)
+
+
+def test_calibrated_value_travels_in_the_state_dict():
+    maps, mask = random_maps(1)
+    source = calibrated(NormalQuantileThreshold(0.99, n_bins=N_BINS), maps, mask)
+    target = NormalQuantileThreshold(0.99, n_bins=N_BINS)
+    target.load_state_dict(source.state_dict())
+    assert target.level == source.level
+
+
+@pytest.mark.parametrize("mode", [NormalQuantileThreshold, F1AdaptiveThreshold])
+def test_an_uncalibrated_threshold_refuses_to_segment(mode):
+    threshold = mode(n_bins=N_BINS)
+    with pytest.raises(RuntimeError, match=f"{mode.__name__} was never calibrated.*val_split"):
+        threshold.segment([], torch.rand(1, 1, 4, 4))
+
+
+def test_calibration_without_the_pixels_it_needs_is_refused():
+    maps, mask = random_maps(0)
+    with pytest.raises(RuntimeError, match="no normal pixels"):
+        calibrated(NormalQuantileThreshold(0.9), maps[:, :, 4:9, 5:11][1::2], mask[:, :, 4:9, 5:11][1::2])
+    with pytest.raises(RuntimeError, match="val_split=test"):
+        calibrated(F1AdaptiveThreshold(), maps[::2], mask[::2])
+
+
+def latents(seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    z = [torch.randn(2, 8, 16, 16, generator=g), torch.randn(2, 8, 8, 8, generator=g)]
+    z[0][1, :, 3:9, 3:9] *= 3  # a planted anomaly in the second image
+    return z
+
+
+@pytest.mark.parametrize("options", [{}, {"clip_lower_tail": True, "tests_by_size": True}])
+def test_tree_adapter_thresholds_tree_nfa_at_its_level(options):
+    z = latents(0)
+    amap = torch.rand(2, 1, 32, 32)
+    result = NFATreeThreshold(log_nfa_threshold=1.5, **options).segment(z, amap)
+    expected = tree_nfa(z, 32, **options)
+    assert isinstance(result, Segmentation)
+    assert torch.equal(result.significance, expected) and torch.equal(result.mask, expected > 1.5)
+    assert result.mask[1].any() and not result.mask[0].any()
+
+
+def test_block_adapter_thresholds_block_nfa_at_its_level():
+    z = latents(1)
+    threshold = NFABlockThreshold(log_nfa_threshold=0.5, win_size=3, probability=0.8)
+    result = threshold.segment(z, torch.rand(2, 1, 32, 32))
+    expected = block_nfa(z, 32, win_size=3, probability=0.8).float()
+    assert result.significance.dtype == torch.float32
+    assert torch.equal(result.significance, expected) and torch.equal(result.mask, expected > 0.5)
+    assert threshold.level == 0.5 and threshold.significance == "neg_log10_nfa"
+
+
+def test_calibrated_modes_threshold_the_anomaly_map():
+    maps, mask = random_maps(2)
+    threshold = calibrated(NormalQuantileThreshold(0.9, n_bins=N_BINS), maps, mask)
+    assert threshold.significance == "anomaly_map"
+    result = threshold.segment([], maps)
+    assert result.significance is maps and torch.equal(result.mask, maps >= threshold.level)

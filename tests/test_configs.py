@@ -7,6 +7,7 @@ import hydra
 import hydra.errors
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from tests.framework_helpers import TINY, compose_train
 from uflow_exp.utils import CONFIG_DIR, instantiate_dict
@@ -91,7 +92,7 @@ def test_debug_options_compose(option, tmp_path):
 @pytest.mark.parametrize("option", [o for o in options("experiment") if o != "paper"])
 def test_published_experiments_compose_on_the_paper_recipe(option, tmp_path):
     cfg = compose_train([f"experiment={option}"], tmp_path)
-    assert cfg.dataset.name == option.split("_")[0].replace("lgg", "lgg_mri")
+    assert cfg.dataset.name == option
     assert cfg.backbone.name == "mcait" and cfg.backbone.input_size == 448
     assert (cfg.flow.feature_noise, cfg.flow.train_norm_affine) == (0.0, True)
     assert cfg.threshold._target_.endswith("NFATreeThreshold")
@@ -123,13 +124,31 @@ def test_paper_recipe_on_any_backbone(tmp_path):
     assert cfg.threshold._target_.endswith("NFATreeThreshold")
 
 
-def test_mvtec_experiments_carry_the_papers_settings(tmp_path):
-    bottle = compose_train(["experiment=mvtec_bottle"], tmp_path)
-    assert (bottle.trainer.max_epochs, bottle.dataset.batch_size) == (200, 23)
+def test_the_mvtec_experiment_reads_each_categorys_published_settings(tmp_path):
+    bottle = compose_train(["experiment=mvtec"], tmp_path)  # the data set's default category
+    assert (bottle.dataset.category, bottle.trainer.max_epochs, bottle.dataset.batch_size) == (
+        "bottle",
+        200,
+        23,
+    )
     assert bottle.model.optimizer.lr == pytest.approx(1.1289990475381853e-4)
-    screw = compose_train(["experiment=mvtec_screw"], tmp_path)
+    screw = compose_train(["experiment=mvtec", "dataset.category=screw"], tmp_path)
     assert (screw.trainer.max_epochs, screw.dataset.batch_size, screw.dataset.category) == (500, 11, "screw")
-    assert screw.model.scheduler.total_iters == 500
+    assert screw.model.scheduler.total_iters == 500 and list(screw.tags) == ["mvtec", "screw"]
+    assert len(screw.mvtec_paper_settings) == 15
+
+
+def test_an_mvtec_category_without_published_settings_is_named(tmp_path):
+    cfg = compose_train(["experiment=mvtec", "dataset.category=teapot"], tmp_path)
+    with pytest.raises(Exception, match="mvtec_paper_settings.teapot"):
+        OmegaConf.to_container(cfg, resolve=True)
+
+
+@pytest.mark.parametrize("layout", ["stc", "btad"])
+def test_scene_and_product_experiments_take_the_category(layout, tmp_path):
+    cfg = compose_train([f"experiment={layout}", "dataset.category=03"], tmp_path)
+    assert (cfg.dataset.category, cfg.dataset.batch_size, cfg.model.optimizer.lr) == ("03", 8, 1e-4)
+    assert list(cfg.tags) == [layout, "03"]
 
 
 @pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local", "submitit_slurm"])

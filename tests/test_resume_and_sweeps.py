@@ -121,7 +121,10 @@ def test_multirun_of_two_experiments_keeps_each_result(tmp_path):
     root = tmp_path / "mvtec"
     for category in ("bottle", "cable"):
         fake_layouts.make_mvtec(root, category=category, n_train=6, size=64)
-    run_cli(["-m", "experiment=mvtec_bottle,mvtec_cable", *CLI_TINY, f"dataset.root={root}"], tmp_path)
+    run_cli(
+        ["-m", "experiment=mvtec", "dataset.category=bottle,cable", *CLI_TINY, f"dataset.root={root}"],
+        tmp_path,
+    )
     jobs = sorted((tmp_path / "logs" / "train" / "multiruns").glob("*/*/metrics.json"))
     assert len(jobs) == 2
     for job in jobs:

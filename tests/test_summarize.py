@@ -67,7 +67,11 @@ def mvtec_sweep(tmp_path: Path) -> Path:
         ("2", "grid", None),
         ("10", "screw", metrics(0.75, 0.94, 0.70, 0.20)),
     ):
-        swept = ("logger=csv", f"experiment=mvtec_{category}")  # logger=csv is the same in every job
+        swept = (
+            "logger=csv",
+            "experiment=mvtec",
+            f"dataset.category={category}",
+        )  # logger=csv is the same in every job
         write_job(sweep / job, "mvtec", category, "resnet18", result, error=TRACEBACK, overrides=swept)
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
     return sweep
@@ -108,7 +112,7 @@ def test_csv_rows_means_and_paper_column(mvtec_sweep: Path, tmp_path: Path):
         == "failed: FileNotFoundError: no MVTec images under data/mvtec/grid | check dataset.root"
     )
 
-    assert bottle["overrides"] == "experiment=mvtec_bottle" and float(bottle["val/loss"]) == -4.5
+    assert bottle["overrides"] == "dataset.category=bottle" and float(bottle["val/loss"]) == -4.5
 
     mean = rows["mean"]
     assert mean["category"] == ""  # the categories differ
@@ -141,7 +145,7 @@ def test_markdown(mvtec_sweep: Path):
     assert list(rows) == ["0", "1", "2", "10", "mean"]
     bottle = rows["0"]
     assert [bottle[k] for k in ("dataset", "category", "backbone", "threshold", "overrides", "val/loss")] == [
-        "mvtec", "bottle", "resnet18", "nfa_tree", "experiment=mvtec_bottle", "-4.50"
+        "mvtec", "bottle", "resnet18", "nfa_tree", "dataset.category=bottle", "-4.50"
     ]  # fmt: skip
     assert [bottle[k] for k in ("image AUROC (%)", "pixel AUROC (%)", "AUPRO (%)", "mIoU (%)")] == [
         "95.00", "97.00", "90.00", "40.00"

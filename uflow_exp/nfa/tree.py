@@ -18,6 +18,7 @@ a contiguous range.
 """
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -221,16 +222,21 @@ def _max_forest(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return parent, traverser[traverser >= 0]
 
 
-def region_log_prob_maps(
-    z: list[torch.Tensor], clip_lower_tail: bool = False, tests_by_size: bool = False
-) -> list[np.ndarray]:
-    """Per-pixel log10 probability of the selected upper-level regions, per scale (B, H_s, W_s);
-    with ``tests_by_size``, plus the log10 number of regions of that size at that scale.
+class _Forest(NamedTuple):
+    """The max-tree nodes of every image and scale, as arrays indexed by node (parents first)."""
 
-    ``z`` holds CPU latents (B, C_s, H_s, W_s). Pixels outside every selected region are NaN, as in
-    the reference. All images and scales are processed as one forest so that the fixed cost of the
-    array operations is paid once per call. The options are ``tree_nfa``'s.
-    """
+    nodes: np.ndarray  # the canonical pixel of each node
+    pixel_node: np.ndarray  # the node each pixel belongs to
+    parent: np.ndarray  # -1 at roots
+    tree_of: np.ndarray  # the image (and scale) of each node
+    pos: np.ndarray  # preorder position; a node's subtree is positions pos .. end - 1
+    end: np.ndarray
+    order: np.ndarray  # nodes in preorder
+
+
+def _scale_statistics(z: list[torch.Tensor]) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+    """Per scale and image, the score map (mean of z^2 over channels); per pixel of all of them, the
+    sum S of z^2, the channel count and the pixel count of its scale."""
     scores, sums, channels, scale_pixels = [], [], [], []
     for zs in z:
         batch, c = zs.shape[:2]
@@ -242,46 +248,57 @@ def region_log_prob_maps(
         sums.append(np.sum(squared.numpy().reshape(batch, c, -1), axis=1).ravel())
         channels.append(np.full(zs[:, 0].numel(), c))
         scale_pixels.append(np.full(zs[:, 0].numel(), zs[0, 0].numel()))
+    return scores, np.concatenate(sums), np.concatenate(channels), np.concatenate(scale_pixels)
+
+
+def _forest(scores: list[np.ndarray]) -> _Forest:
     pix_parent, traverser = _max_forest(scores)
     flat = np.concatenate([score.ravel() for score in scores])
-    s, pix_channels = np.concatenate(sums), np.concatenate(channels)
     image_of_pixel = np.repeat(np.arange(len(scores)), [score.size for score in scores])
     n_pix = flat.size
-
     # Canonical pixels are the max-tree nodes: a plateau pixel shares its parent's level, and it only
     # adds area to the node it points at (the reference folds it the same way).
     canonical = flat[pix_parent] != flat
     root_pixels = pix_parent == np.arange(n_pix)
     canonical |= root_pixels
     nodes = traverser[canonical[traverser]]  # parents precede children
-    n = nodes.size
     node_of = np.empty(n_pix, dtype=np.int64)
-    node_of[nodes] = np.arange(n)
+    node_of[nodes] = np.arange(nodes.size)
     pixel_node = node_of[np.where(canonical, np.arange(n_pix), pix_parent)]
     parent = np.where(root_pixels[nodes], -1, node_of[pix_parent[nodes]])
-    roots = np.flatnonzero(parent < 0)
-    kids = np.flatnonzero(parent >= 0)
-    tree_of = image_of_pixel[nodes]
-
     pos, end = _preorder(parent)
-    order = np.empty(n, dtype=np.int64)
-    order[pos] = np.arange(n)
-    own_area = np.bincount(pixel_node, minlength=n)
-    own_min = np.full(n, np.inf, dtype=s.dtype)
-    np.minimum.at(own_min, pixel_node, s)
-    cum_area = np.concatenate(([0], np.cumsum(own_area[order])))
-    area = cum_area[end] - cum_area[pos]
-    s_min = _range_min(own_min[order], pos, end)
-    with np.errstate(divide="ignore"):  # S = 0 gives log10 P = -inf, as in the reference
-        value = area * _chernoff_log10_tail(s_min, pix_channels[nodes], clip_lower_tail)
-    if tests_by_size:
-        value = value + _log10_regions_of_size(area, np.concatenate(scale_pixels)[nodes])
+    order = np.empty(nodes.size, dtype=np.int64)
+    order[pos] = np.arange(nodes.size)
+    return _Forest(nodes, pixel_node, parent, image_of_pixel[nodes], pos, end, order)
 
-    n_kids = np.bincount(parent[kids], minlength=n)
+
+def _node_values(
+    f: _Forest, s: np.ndarray, channels: np.ndarray, scale_pixels: np.ndarray, clip: bool, by_size: bool
+) -> np.ndarray:
+    """log10 probability bound of each node's region (+ log10 regions of its size with ``by_size``)."""
+    n = f.nodes.size
+    own_area = np.bincount(f.pixel_node, minlength=n)
+    own_min = np.full(n, np.inf, dtype=s.dtype)
+    np.minimum.at(own_min, f.pixel_node, s)
+    cum_area = np.concatenate(([0], np.cumsum(own_area[f.order])))
+    area = cum_area[f.end] - cum_area[f.pos]
+    s_min = _range_min(own_min[f.order], f.pos, f.end)
+    with np.errstate(divide="ignore"):  # S = 0 gives log10 P = -inf, as in the reference
+        value = area * _chernoff_log10_tail(s_min, channels[f.nodes], clip)
+    if by_size:
+        value = value + _log10_regions_of_size(area, scale_pixels[f.nodes])
+    return value
+
+
+def _selected_regions(f: _Forest, value: np.ndarray) -> np.ndarray:
+    """The nodes the prune / merge procedure keeps, one per distinct value within an image."""
+    n = f.nodes.size
+    roots, kids = np.flatnonzero(f.parent < 0), np.flatnonzero(f.parent >= 0)
+    n_kids = np.bincount(f.parent[kids], minlength=n)
     # Bottom of each node's segment: follow only-children down to a leaf or bifurcation.
-    unary_parent = kids[n_kids[parent[kids]] == 1]
+    unary_parent = kids[n_kids[f.parent[kids]] == 1]
     bottom = np.arange(n)
-    bottom[parent[unary_parent]] = unary_parent
+    bottom[f.parent[unary_parent]] = unary_parent
     bottom = _pointer_jump(bottom)
     seg_min = np.full(n, np.inf)
     np.minimum.at(seg_min, bottom, value)
@@ -290,32 +307,52 @@ def region_log_prob_maps(
     np.maximum.at(kept, bottom[is_min], np.flatnonzero(is_min))  # deepest minimum = largest index
 
     child_best = np.full(n, np.inf)
-    np.minimum.at(child_best, parent[kids], seg_min[bottom[kids]])
+    np.minimum.at(child_best, f.parent[kids], seg_min[bottom[kids]])
     bifurcation = n_kids >= 2
     fails = bifurcation & ~(value <= child_best)
-    cum_fails = np.concatenate(([0], np.cumsum(fails[order])))
-    blocked = cum_fails[end] > cum_fails[pos]
+    cum_fails = np.concatenate(([0], np.cumsum(fails[f.order])))
+    blocked = cum_fails[f.end] > cum_fails[f.pos]
 
-    tops = np.concatenate((kids[bifurcation[parent[kids]] & blocked[parent[kids]]], roots))
+    tops = np.concatenate((kids[bifurcation[f.parent[kids]] & blocked[f.parent[kids]]], roots))
     collapsed = bottom[tops][~blocked[bottom[tops]]]
     leaves = kept[collapsed]
     leaf_value = value[leaves]
     # The reference keys each image's final regions by value in a dict: of regions with equal values
     # only the last one (in traverser order) is painted. Reproduced for exactness.
-    by_value = np.lexsort((leaves, leaf_value, tree_of[leaves]))
+    by_value = np.lexsort((leaves, leaf_value, f.tree_of[leaves]))
     same_next = (leaf_value[by_value][1:] == leaf_value[by_value][:-1]) & (
-        tree_of[leaves][by_value][1:] == tree_of[leaves][by_value][:-1]
+        f.tree_of[leaves][by_value][1:] == f.tree_of[leaves][by_value][:-1]
     )
-    leaves = leaves[by_value[np.append(~same_next, True)]]
+    return leaves[by_value[np.append(~same_next, True)]]
 
-    start = pos[leaves]
+
+def _paint(f: _Forest, value: np.ndarray, regions: np.ndarray, n_pix: int) -> np.ndarray:
+    """Each pixel gets the value of the selected region holding it (NaN outside every one)."""
+    start = f.pos[regions]
     by_start = np.argsort(start)
-    start, stop = start[by_start], end[leaves][by_start]
-    painted = value[leaves][by_start].astype(np.float32)
-    pixel_pos = pos[pixel_node]
+    start, stop = start[by_start], f.end[regions][by_start]
+    painted = value[regions][by_start].astype(np.float32)
+    pixel_pos = f.pos[f.pixel_node]
     slot = np.searchsorted(start, pixel_pos, side="right") - 1
     inside = (slot >= 0) & (pixel_pos < stop[np.maximum(slot, 0)])
     out = np.full(n_pix, np.nan, dtype=np.float32)
     out[inside] = painted[slot[inside]]
+    return out
+
+
+def region_log_prob_maps(
+    z: list[torch.Tensor], clip_lower_tail: bool = False, tests_by_size: bool = False
+) -> list[np.ndarray]:
+    """Per-pixel log10 probability of the selected upper-level regions, per scale (B, H_s, W_s);
+    with ``tests_by_size``, plus the log10 number of regions of that size at that scale.
+
+    ``z`` holds CPU latents (B, C_s, H_s, W_s). Pixels outside every selected region are NaN, as in
+    the reference. All images and scales are processed as one forest so that the fixed cost of the
+    array operations is paid once per call. The options are ``tree_nfa``'s.
+    """
+    scores, s, channels, scale_pixels = _scale_statistics(z)
+    forest = _forest(scores)
+    value = _node_values(forest, s, channels, scale_pixels, clip_lower_tail, tests_by_size)
+    out = _paint(forest, value, _selected_regions(forest, value), s.size)
     bounds = np.cumsum([zs[:, 0].numel() for zs in z])[:-1]
     return [m.reshape(zs[:, 0].shape) for m, zs in zip(np.split(out, bounds), z, strict=True)]

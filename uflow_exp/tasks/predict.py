@@ -191,6 +191,20 @@ class _Writer:
         image.save(self._target(kind, name, suffix))
 
 
+def _load_module(ckpt: Path, threshold: DictConfig | None, device: torch.device) -> UFlowModule:
+    """The checkpoint's module in eval mode, with ``threshold`` (a config) in place of its own."""
+    module = UFlowModule.from_checkpoint(str(ckpt), map_location=device).eval()
+    if threshold:
+        module.replace_threshold(threshold)
+        if module.threshold.needs_calibration:
+            raise ValueError(
+                f"threshold={threshold['_target_']} must be calibrated on held-out images, which "
+                "predict does not have: run `python -m uflow_exp.evaluate ckpt_path=... threshold=...` "
+                "on the data set, or predict with an NFA mode (threshold=nfa_tree or nfa_block)"
+            )
+    return module
+
+
 def predict(cfg: DictConfig) -> dict[str, float]:
     """Returns ``{"images": predicted, "failed": unreadable}``; each failure is logged by name."""
     if cfg.raw_map not in RAW_MAPS:
@@ -201,15 +215,7 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
     device = _device(cfg.device)
-    module = UFlowModule.from_checkpoint(str(ckpt), map_location=device).eval()
-    if cfg.get("threshold"):
-        module.replace_threshold(cfg.threshold)
-        if module.threshold.needs_calibration:
-            raise ValueError(
-                f"threshold={cfg.threshold['_target_']} must be calibrated on held-out images, which "
-                "predict does not have: run `python -m uflow_exp.evaluate ckpt_path=... threshold=...` "
-                "on the data set, or predict with an NFA mode (threshold=nfa_tree or nfa_block)"
-            )
+    module = _load_module(ckpt, cfg.get("threshold"), device)
     with open_dict(cfg):
         cfg.threshold = dict(module.hparams.threshold)  # what ran, in config_resolved.yaml
     print_config(cfg, Path(cfg.paths.output_dir) / "config_resolved.yaml")

@@ -219,9 +219,8 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     with open_dict(cfg):
         cfg.threshold = dict(module.hparams.threshold)  # what ran, in config_resolved.yaml
     print_config(cfg, Path(cfg.paths.output_dir) / "config_resolved.yaml")
-    threshold = module.threshold
-    nfa = threshold.significance == "neg_log10_nfa"
-    level = None if nfa else threshold.level  # calibrated modes: the map value the colour bar marks
+    nfa = module.threshold.significance == "neg_log10_nfa"
+    level = None if nfa else module.threshold.level  # calibrated modes: the map value the colour bar marks
     write = _Writer(output, cfg.raw_map, float(cfg.overlay_alpha), nfa, level)
     loader = DataLoader(
         _Guarded(files, module.hparams.backbone["input_size"]),

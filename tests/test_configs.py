@@ -23,7 +23,7 @@ def options(group: str) -> list[str]:
 def test_dataset_options_instantiate(option, tmp_path):
     cfg = compose_train([*TINY, f"dataset={option}", f"dataset.root={tmp_path}"], tmp_path)
     datamodule = hydra.utils.instantiate(cfg.dataset)
-    assert datamodule.name == option
+    assert datamodule.layout == option
     assert datamodule.image_size == 64
 
 
@@ -92,7 +92,7 @@ def test_debug_options_compose(option, tmp_path):
 @pytest.mark.parametrize("option", [o for o in options("experiment") if o != "paper"])
 def test_published_experiments_compose_on_the_paper_recipe(option, tmp_path):
     cfg = compose_train([f"experiment={option}"], tmp_path)
-    assert cfg.dataset.name == option
+    assert cfg.dataset.layout == option
     assert cfg.backbone.name == "mcait" and cfg.backbone.input_size == 448
     assert (cfg.flow.feature_noise, cfg.flow.train_norm_affine) == (0.0, True)
     assert cfg.threshold._target_.endswith("NFATreeThreshold")
@@ -100,7 +100,7 @@ def test_published_experiments_compose_on_the_paper_recipe(option, tmp_path):
 
 def test_default_is_the_real_data_recipe_on_embedded_data(tmp_path):
     cfg = compose_train([], tmp_path)
-    assert (cfg.dataset.name, cfg.backbone.name, cfg.trainer.max_epochs) == (
+    assert (cfg.dataset.layout, cfg.backbone.name, cfg.trainer.max_epochs) == (
         "textures",
         "efficientnet_lite0",
         30,

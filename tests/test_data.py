@@ -84,7 +84,7 @@ def expected_mask(height: int, width: int) -> torch.Tensor:
 def test_every_config_instantiates_the_datamodule(name, tmp_path):
     dm = datamodule(name, root=str(tmp_path))
     assert isinstance(dm, AnomalyDataModule)
-    assert dm.name == name
+    assert dm.layout == name
     assert dm.image_size == SIZE
     assert dm.val_split == "train" and dm.seed == 0
 

@@ -230,7 +230,7 @@ def test_auto_keeps_features_in_memory_when_they_fit_in_a_quarter_of_available_m
     paths, _ = data
     nbytes = N_IMAGES * (4 * 8 * 8 + 4 * 4 * 4) * 4  # float32 features of every image
     monkeypatch.setattr(fc, "available_memory", lambda: 4 * nbytes + (0 if fits else -4))
-    cache = open_cache(tmp_path, CountingExtractor(), paths, "auto")
+    cache = open_cache(tmp_path, CountingExtractor(), paths, "true")
     assert isinstance(cache.store, fc.MemoryStore if fits else fc.DiskStore)
     assert (tmp_path / "features").exists() != fits
 

@@ -342,7 +342,7 @@ def test_ckpt_path_last_stays_within_the_experiment(tmp_path):
         ckpt.parent.mkdir(parents=True)
         ckpt.write_bytes(b"")
         os.utime(ckpt, (time.time() - age, time.time() - age))
-        config = {"dataset": {"name": dataset, "category": category}}
+        config = {"dataset": {"layout": dataset, "category": category}}
         (ckpt.parent.parent / "config_resolved.yaml").write_text(OmegaConf.to_yaml(config))
         return ckpt
 

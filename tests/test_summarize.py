@@ -36,7 +36,7 @@ def write_job(
     (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
     config = {
         "task_name": "train",
-        "dataset": {"name": dataset, "category": category, "image_size": 256},
+        "dataset": {"layout": dataset, "category": category, "image_size": 256},
         "backbone": {"name": backbone, "input_size": 256},
         "threshold": {"_target_": "uflow_exp.thresholds.NFATreeThreshold", "log_nfa_threshold": 0.0},
     }

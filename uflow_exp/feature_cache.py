@@ -55,9 +55,10 @@ class Extractor(Protocol):
 
 
 def parse_mode(value: bool | str) -> str:
-    """The config value -> ``auto`` (true), ``off`` (false), ``memory`` or ``disk``."""
+    """The config value as the one spelling used everywhere: ``true`` (memory when it fits, else
+    disk), ``false`` (no cache), ``memory`` or ``disk``."""
     if isinstance(value, bool):
-        return "auto" if value else "off"
+        return "true" if value else "false"
     if value in ("memory", "disk"):
         return value
     raise ValueError(f"feature_cache must be one of {', '.join(MODES)}; got {value!r}")
@@ -326,7 +327,7 @@ def open_feature_cache(
 ) -> FeatureCache:
     """The cache for the features of ``paths`` (the training and validation images).
 
-    ``mode`` ``auto`` keeps them in memory when all of them (as float32) take at most a quarter of the
+    ``mode`` ``true`` keeps them in memory when all of them (as float32) take at most a quarter of the
     available memory, else on disk under ``root``; ``memory`` and ``disk`` force a store.
     """
     backbone = extractor.backbone_modules()
@@ -335,7 +336,7 @@ def open_feature_cache(
     images = sorted({os.path.abspath(path) for path in paths})
     nbytes = len(images) * sum(math.prod(shape) for shape in shapes) * 4
     why = f"feature_cache={mode}"
-    if mode == "auto":
+    if mode == "true":
         budget = available_memory() // 4
         mode = "memory" if nbytes <= budget else "disk"
         why = f"feature_cache=true and {'within' if mode == 'memory' else 'over'} {budget / 2**20:.0f} MB"

@@ -110,7 +110,7 @@ def _read_job(job_dir: Path, root: Path) -> Row:
     dataset_cfg = cfg.get("dataset") or {}
     row = Row(
         job=job_dir.relative_to(root).as_posix(),
-        dataset=str(dataset_cfg.get("name", "")),
+        dataset=str(dataset_cfg.get("layout", dataset_cfg.get("name", ""))),
         category=str(dataset_cfg.get("category") or ""),
         backbone=str((cfg.get("backbone") or {}).get("name", "")),
         threshold=_threshold_name(cfg),

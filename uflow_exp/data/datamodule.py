@@ -1,4 +1,4 @@
-"""One LightningDataModule for every data set; `name` picks the layout module that lists the files."""
+"""One LightningDataModule for every data set; `layout` picks the layout module that lists the files."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ class AnomalyDataModule(L.LightningDataModule):
     """Train on normal images, test on normal + anomalous ones, validate on either.
 
     Args:
-        name: layout, one of `LAYOUTS`.
+        layout: how the files lie on disk, one of `LAYOUTS`.
         root: data set root (unused by `textures`, which generates into `cache_dir`).
         category: MVTec category, BTAD product, texture name or ShanghaiTech scene.
         image_size: side of the square images the loaders yield (the backbone's input size).
@@ -97,7 +97,7 @@ class AnomalyDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        name: str,
+        layout: str,
         root: str | None = None,
         category: str | None = None,
         image_size: int = 256,
@@ -113,22 +113,22 @@ class AnomalyDataModule(L.LightningDataModule):
         **options,
     ) -> None:
         super().__init__()
-        if name not in LAYOUTS:
-            raise DatasetError(f"unknown dataset name {name!r}; expected one of {', '.join(LAYOUTS)}")
+        if layout not in LAYOUTS:
+            raise DatasetError(f"unknown dataset layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
         if val_split not in VAL_SPLITS:
             raise DatasetError(f"val_split must be one of {VAL_SPLITS}, got {val_split!r}")
         if val_split == "train" and not 0 < val_fraction < 1:
             raise DatasetError(f"val_fraction must be in (0, 1) with val_split=train, got {val_fraction}")
         FileProblems(on_bad_file)  # rejects an unknown mode now rather than at setup
-        accepted = list(inspect.signature(LAYOUTS[name].find_records).parameters)[1:]
+        accepted = list(inspect.signature(LAYOUTS[layout].find_records).parameters)[1:]
         unknown = sorted(set(options) - set(accepted))
         if unknown:
             raise DatasetError(
-                f"dataset {name!r} got unknown option(s) {', '.join(unknown)}; "
+                f"dataset layout {layout!r} got unknown option(s) {', '.join(unknown)}; "
                 f"it accepts {', '.join(accepted)}"
             )
         self.save_hyperparameters()
-        self.name = name
+        self.layout = layout
         self.root = None if root is None else Path(root)
         self.category = category
         self.image_size = int(image_size)
@@ -152,7 +152,7 @@ class AnomalyDataModule(L.LightningDataModule):
         if self._found is None:
             problems = FileProblems(self.on_bad_file)
             ctx = LayoutContext(self.root, self.category, self.seed, problems)
-            self._found = LAYOUTS[self.name].find_records(ctx, **self.options), problems
+            self._found = LAYOUTS[self.layout].find_records(ctx, **self.options), problems
         return self._found
 
     def prepare_data(self) -> None:
@@ -165,12 +165,12 @@ class AnomalyDataModule(L.LightningDataModule):
         found, problems = self._find()
         train = validate_records(found.train, problems, self.verify_images)
         test = validate_records(found.test, problems, self.verify_images)
-        problems.summarise(self.name)
-        where = f"{self.name} (root {self.root}, category {self.category})"
+        problems.summarise(self.layout)
+        where = f"{self.layout} (root {self.root}, category {self.category})"
         for split, records in (("train", train), ("test", test)):
             if not records:
                 raise DatasetError(
-                    f"{where}: the {split} split is empty. Expected layout: {LAYOUTS[self.name].EXPECTED}"
+                    f"{where}: the {split} split is empty. Expected layout: {LAYOUTS[self.layout].EXPECTED}"
                 )
         if self.val_split == "train":
             train, val = split_off(train, self.val_fraction, self.seed)

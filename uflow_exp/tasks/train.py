@@ -36,7 +36,7 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
         dataset = cfg.dataset
         return str(
             find_last_checkpoint(
-                Path(cfg.paths.log_dir), cfg.task_name, dataset.name, dataset.get("category")
+                Path(cfg.paths.log_dir), cfg.task_name, dataset.layout, dataset.get("category")
             )
         )
     return str(require_checkpoint(cfg.ckpt_path))
@@ -70,7 +70,7 @@ def cache_features(
     )
     backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
     spec = CacheSpec(
-        dataset=datamodule.name,
+        dataset=datamodule.layout,
         category=datamodule.category,
         backbone=backbone["name"],
         layers=backbone.get("layers"),
@@ -116,7 +116,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics: dict = {}
     if cfg.get("train"):
         start = time.perf_counter()
-        if cache_mode != "off":
+        if cache_mode != "false":
             cache_features(cfg, cache_mode, datamodule, model, trainer)
         try:
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -39,10 +39,11 @@ def require_checkpoint(path: str | Path) -> Path:
 
 
 def _run_dataset(ckpt: Path) -> tuple[str | None, str | None]:
-    """(dataset name, category) of the run that wrote ``<run>/checkpoints/last.ckpt``."""
+    """(dataset layout, category) of the run that wrote ``<run>/checkpoints/last.ckpt`` (runs written
+    before the key was called ``layout`` call it ``name``)."""
     config = ckpt.parent.parent / "config_resolved.yaml"
     dataset = (OmegaConf.load(config).get("dataset") or {}) if config.is_file() else {}
-    return dataset.get("name"), dataset.get("category")
+    return dataset.get("layout", dataset.get("name")), dataset.get("category")
 
 
 def find_last_checkpoint(log_dir: Path, task_name: str, dataset: str | None, category: str | None) -> Path:

@@ -163,7 +163,7 @@ def _naive_region_log_prob_map(zi: torch.Tensor, clip: bool = False, by_size: bo
     return out.reshape(score.shape)
 
 
-def _naive_block_nfa(z, target_size, win_size=5, probability=0.9):
+def _naive_block_nfa(z, eval_size, win_size=5, probability=0.9):
     """The block method written out window by window, as stated in the method doc."""
     tau = stats.chi2.ppf(probability, 1)
     maps = []
@@ -181,7 +181,7 @@ def _naive_block_nfa(z, target_size, win_size=5, probability=0.9):
         maps.append(
             F.interpolate(
                 torch.from_numpy(log_prob),
-                size=(target_size, target_size),
+                size=(eval_size, eval_size),
                 mode="bicubic",
                 align_corners=True,
             )

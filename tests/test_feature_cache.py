@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -310,3 +311,38 @@ def test_a_module_trained_without_the_task_extracts_every_step_and_checkpoints_n
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert not [key for key in checkpoint["state_dict"] if "cache" in key]
     assert "feature_cache" not in checkpoint["hyper_parameters"]
+
+
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_float16_storage_rounds_each_feature_once_and_halves_the_size(mode, data, tmp_path, caplog):
+    paths, images = data
+    extractor = CountingExtractor()
+    spec = dataclasses.replace(SPEC, dtype="float16")
+    with caplog.at_level(logging.INFO, logger=fc.__name__):
+        cache = open_feature_cache(extractor, mode, paths, spec, tmp_path / "features")
+    full = N_IMAGES * (4 * 8 * 8 + 4 * 4 * 4)
+    assert f"{full * 2 / 2**20:.1f} MB (float16)" in caplog.text
+    cache.fill([(paths, images)], extractor.extract)
+    exact = [torch.cat([extractor.extract(image[None])[s] for image in images]) for s in (0, 1)]
+    for i, path in enumerate(paths):
+        for got, want in zip(cache.read(path), exact, strict=True):
+            assert got.dtype == torch.float32
+            assert torch.equal(got, want[i].half().float())  # one rounding, nothing else
+    if mode == "disk":
+        assert cache.store.folder.name.startswith("fake-cat-conv-8-float16-")
+
+
+def test_float16_storage_refuses_features_beyond_its_range(data, tmp_path):
+    paths, images = data
+    extractor = CountingExtractor()
+    cache = open_feature_cache(extractor, "memory", paths, dataclasses.replace(SPEC, dtype="float16"), None)
+    with pytest.raises(FeatureCacheError, match="beyond what feature_cache_dtype=float16 holds.*float32"):
+        cache.fill([(paths[:1], images[:1] * 1e6)], extractor.extract)
+
+
+def test_an_unknown_storage_dtype_is_refused_naming_the_key(data, tmp_path):
+    paths, _ = data
+    with pytest.raises(ValueError, match="feature_cache_dtype must be one of float32, float16; got 'int8'"):
+        open_feature_cache(
+            CountingExtractor(), "memory", paths, dataclasses.replace(SPEC, dtype="int8"), None
+        )

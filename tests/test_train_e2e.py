@@ -154,6 +154,18 @@ def test_a_cached_run_decodes_each_image_once_and_lists_the_files_once(tmp_path,
     assert len(decoded) > 3 * 6  # without the cache every epoch decodes
 
 
+def test_a_float16_feature_cache_moves_losses_and_maps_by_little(tmp_path):
+    root = fake_layouts.make_mvtec(tmp_path / "data", n_train=8, size=64)
+    results = {}
+    for dtype in ("float32", "float16"):
+        overrides = [*TINY, "dataset=mvtec", f"dataset.root={root}", "trainer.max_epochs=3"]
+        results[dtype] = train(compose_train([*overrides, f"feature_cache_dtype={dtype}"], tmp_path / dtype))
+    for key in ("train/loss", "val/loss"):
+        assert results["float16"][key] == pytest.approx(results["float32"][key], rel=1e-3), key
+    for key in ("test/pixel_auroc", "test/image_auroc"):
+        assert results["float16"][key] == pytest.approx(results["float32"][key], abs=0.01), key
+
+
 def test_evaluate_reproduces_the_test_metrics_of_training(tmp_path):
     from uflow_exp.tasks.evaluate import evaluate
 

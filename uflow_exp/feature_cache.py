@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MODES = ("true", "false", "memory", "disk")  # as written in the config
+# how stored features are kept: float16 halves the memory (rounding each value to 11 significant bits)
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
 Extract = Callable[[torch.Tensor], list[torch.Tensor]]
 
 
@@ -101,12 +103,14 @@ class CacheSpec:
     input_size: int
     image_size: int
     layers: Sequence[int] | None = None  # the backbone's feature levels (None: its default)
+    dtype: str = "float32"  # how the features are stored, one of DTYPES
 
     @property
     def label(self) -> str:
         """The readable part of the folder name, e.g. ``mvtec-bottle-resnet18-L123-256``."""
         levels = None if self.layers is None else "L" + "".join(map(str, self.layers))
-        parts = (self.dataset, self.category, self.backbone, levels, self.input_size)
+        stored = None if self.dtype == "float32" else self.dtype
+        parts = (self.dataset, self.category, self.backbone, levels, self.input_size, stored)
         return "-".join(re.sub(r"[^\w.]+", "_", str(part)) for part in parts if part is not None)
 
 
@@ -130,9 +134,10 @@ def cache_key(spec: CacheSpec, weights: str, paths: Sequence[str]) -> str:
 
 
 class MemoryStore:
-    """Per-scale features of each key, in this process's memory, in the features' dtype."""
+    """Per-scale features of each key, in this process's memory, stored as ``dtype``."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        self.dtype = dtype
         self._rows: dict[str, list[torch.Tensor]] = {}
 
     def missing(self, keys: Sequence[str]) -> list[int]:
@@ -140,7 +145,7 @@ class MemoryStore:
 
     def write(self, keys: Sequence[str], scales: Sequence[torch.Tensor]) -> None:
         for row, key in enumerate(keys):
-            self._rows[key] = [scale[row] for scale in scales]
+            self._rows[key] = [scale[row].to(self.dtype) for scale in scales]
 
     def read(self, keys: Sequence[str]) -> list[torch.Tensor]:
         n_scales = len(self._rows[keys[0]])
@@ -148,7 +153,7 @@ class MemoryStore:
 
 
 class DiskStore:
-    """One float32 ``numpy.memmap`` (``scale<s>.npy``) per scale in ``folder``, a row per image
+    """One ``numpy.memmap`` (``scale<s>.npy``, float32 or float16) per scale in ``folder``, a row per image
     (``index.json``: absolute path -> row) and ``filled.npy``, set only after a row's data is flushed.
 
     ``open`` creates the folder (atomically) or reuses it; a folder whose metadata, index or arrays
@@ -158,6 +163,7 @@ class DiskStore:
     def __init__(self, folder: Path, meta: dict, paths: Sequence[str], created: bool) -> None:
         self.folder = folder
         self.created = created
+        self.dtype = DTYPES[meta["dtype"]]
         try:
             found = json.loads((folder / "meta.json").read_text())
             index = json.loads((folder / "index.json").read_text())
@@ -174,7 +180,13 @@ class DiskStore:
 
     @classmethod
     def open(
-        cls, root: Path, label: str, key: str, paths: Sequence[str], shapes: Sequence[Sequence[int]]
+        cls,
+        root: Path,
+        label: str,
+        key: str,
+        paths: Sequence[str],
+        shapes: Sequence[Sequence[int]],
+        dtype: str = "float32",
     ) -> DiskStore:
         """The store for ``key`` (``paths`` sorted absolute, ``shapes`` per image and scale)."""
         folder = root / f"{label}-{key[:12]}"
@@ -182,7 +194,7 @@ class DiskStore:
             "version": FORMAT_VERSION,
             "key": key,
             "rows": len(paths),
-            "dtype": "float32",
+            "dtype": dtype,
             "shapes": [list(shape) for shape in shapes],
         }
         created = not folder.is_dir() and _create_atomically(
@@ -232,7 +244,7 @@ class DiskStore:
     def write(self, keys: Sequence[str], scales: Sequence[torch.Tensor]) -> None:
         rows = self._rows(keys)
         for array, scale in zip(self._scales, scales, strict=True):
-            array[rows] = scale.float().numpy()
+            array[rows] = scale.to(DTYPES[str(array.dtype)]).numpy()
             array.flush()
         self._filled[rows] = 1  # only now: a crash before this line leaves the rows to recompute
         self._filled.flush()
@@ -297,6 +309,7 @@ class FeatureCache:
         count = 0
         for keys, images in batches:
             fresh = extract(images)
+            self._check_range(fresh)
             self.store.write(
                 [os.path.abspath(key) for key in keys], [scale.detach().cpu() for scale in fresh]
             )
@@ -311,7 +324,18 @@ class FeatureCache:
                 f"image {key} has no features in the cache: it was not among the images the cache "
                 "was filled with before training (the data changed after the fit started?)"
             )
-        return [scale[0] for scale in self.store.read([key])]
+        return [scale[0].float() for scale in self.store.read([key])]
+
+    def _check_range(self, features: Sequence[torch.Tensor]) -> None:
+        dtype = self.store.dtype
+        if dtype == torch.float32:
+            return
+        largest = max(float(scale.abs().max()) for scale in features)
+        if largest > torch.finfo(dtype).max:
+            raise FeatureCacheError(
+                f"a backbone feature reaches {largest:.4g}, beyond what feature_cache_dtype={str(dtype)[6:]} "
+                f"holds ({torch.finfo(dtype).max:.4g}); set feature_cache_dtype=float32"
+            )
 
 
 def _feature_shapes(extractor: Extractor, image_size: int) -> list[tuple[int, ...]]:
@@ -327,27 +351,30 @@ def open_feature_cache(
 ) -> FeatureCache:
     """The cache for the features of ``paths`` (the training and validation images).
 
-    ``mode`` ``true`` keeps them in memory when all of them (as float32) take at most a quarter of the
-    available memory, else on disk under ``root``; ``memory`` and ``disk`` force a store.
+    ``mode`` ``true`` keeps them in memory when all of them (stored as ``spec.dtype``) take at most a
+    quarter of the available memory, else on disk under ``root``; ``memory`` and ``disk`` force a store.
     """
+    if spec.dtype not in DTYPES:
+        raise ValueError(f"feature_cache_dtype must be one of {', '.join(DTYPES)}; got {spec.dtype!r}")
     backbone = extractor.backbone_modules()
     require_frozen(backbone)
     shapes = _feature_shapes(extractor, spec.image_size)
     images = sorted({os.path.abspath(path) for path in paths})
-    nbytes = len(images) * sum(math.prod(shape) for shape in shapes) * 4
+    itemsize = DTYPES[spec.dtype].itemsize
+    nbytes = len(images) * sum(math.prod(shape) for shape in shapes) * itemsize
     why = f"feature_cache={mode}"
     if mode == "true":
         budget = available_memory() // 4
         mode = "memory" if nbytes <= budget else "disk"
         why = f"feature_cache=true and {'within' if mode == 'memory' else 'over'} {budget / 2**20:.0f} MB"
-    size = f"{nbytes / 2**20:.1f} MB for {len(images)} images ({why})"
+    size = f"{nbytes / 2**20:.1f} MB ({spec.dtype}) for {len(images)} images ({why})"
     if mode == "memory":
         log.info("Feature cache in memory: %s", size)
-        return FeatureCache(backbone=backbone)
+        return FeatureCache(MemoryStore(DTYPES[spec.dtype]), backbone)
     if root is None:
         raise ValueError("a feature cache on disk needs a folder: set feature_cache_dir")
     key = cache_key(spec, weights_digest(backbone), images)
-    store = DiskStore.open(Path(root), spec.label, key, images, shapes)
+    store = DiskStore.open(Path(root), spec.label, key, images, shapes, spec.dtype)
     state = "new" if store.created else f"reused, {store.filled_rows} of {len(images)} rows already filled"
     log.info("Feature cache on disk in %s: %s; %s", store.folder, size, state)
     return FeatureCache(store, backbone)

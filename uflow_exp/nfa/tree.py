@@ -91,9 +91,7 @@ def tree_nfa(
             for s, maps in enumerate(region_log_prob_maps(chunk_z, clip_lower_tail, tests_by_size)):
                 # nan_to_num as the reference: unpainted pixels -> 0, -inf -> the most negative float32.
                 maps = torch.from_numpy(np.nan_to_num(maps, nan=0.0)).unsqueeze(1)
-                up = F.interpolate(
-                    maps, size=(eval_size, eval_size), mode="bilinear", align_corners=False
-                )
+                up = F.interpolate(maps, size=(eval_size, eval_size), mode="bilinear", align_corners=False)
                 # Exact elementwise steps run in numpy: single-threaded, they avoid torch's thread
                 # barriers, which stall for milliseconds per op on an oversubscribed machine.
                 if s == 0:

@@ -76,6 +76,7 @@ def cache_features(
         layers=backbone.get("layers"),
         input_size=backbone["input_size"],
         image_size=datamodule.image_size,
+        dtype=cfg.get("feature_cache_dtype", "float32"),
     )
     extractor = module.model.feature_extractor.to(trainer.strategy.root_device)
     paths = [str(r.image) for r in records]

@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -79,11 +80,19 @@ def test_resume_from_last_checkpoint_continues_where_the_run_stopped(tmp_path):
     assert torch.load(last, weights_only=True)["epoch"] == 1  # the last finished epoch
 
     EPOCHS_RUN.clear()
-    resumed_cfg = compose_train([*overrides, f"ckpt_path={last}"], tmp_path / "resumed")
+    # the resuming command gets a folder of its own (a new timestamp), as on the command line
+    resumed_cfg = compose_train([*overrides, f"ckpt_path={last}"], tmp_path / "resuming_command")
     with open_dict(resumed_cfg):
         resumed_cfg.callbacks.record = recorder
-    resumed = train(resumed_cfg)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*dirpath has changed")
+        resumed = train(resumed_cfg)
     assert EPOCHS_RUN == [2]  # only the epoch the crash lost, not a retraining from scratch
+    # ...and the run goes on in its own folder: one set of checkpoints, the best one over all epochs
+    assert not (tmp_path / "resuming_command" / "checkpoints").exists()
+    names = lambda run: sorted(p.name for p in (run / "checkpoints").iterdir())  # noqa: E731
+    assert names(tmp_path / "resumed") == names(tmp_path / "straight")
+    assert (tmp_path / "resumed" / "metrics.json").is_file()
     # the weights and the optimiser's moments are those of the uninterrupted run
     ends = [
         torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)

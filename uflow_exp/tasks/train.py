@@ -10,7 +10,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from uflow_exp.data import AnomalyDataModule
 from uflow_exp.feature_cache import CacheSpec, open_feature_cache, parse_mode
@@ -40,6 +40,19 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
             )
         )
     return str(require_checkpoint(cfg.ckpt_path))
+
+
+def interrupted_run_dir(ckpt_path: str | None) -> Path | None:
+    """The run folder of a checkpoint this project wrote (``<run>/checkpoints/*.ckpt`` beside
+    ``<run>/config_resolved.yaml``), or None for any other checkpoint."""
+    if ckpt_path is None:
+        return None
+    run = Path(ckpt_path).resolve().parent.parent
+    return (
+        run
+        if Path(ckpt_path).resolve().parent.name == "checkpoints" and (run / "config_resolved.yaml").is_file()
+        else None
+    )
 
 
 def _interrupted_message(trainer: L.Trainer) -> str:
@@ -95,11 +108,18 @@ def cache_features(
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
+    ckpt_path = resolve_ckpt_path(cfg)
+    run_dir = interrupted_run_dir(ckpt_path)
+    if run_dir is not None and run_dir != Path(cfg.paths.output_dir).resolve():
+        # The same folder, so that the checkpoint callback restores its best score and the best
+        # checkpoint tested at the end is the best of the whole run, not of the resumed epochs.
+        log.info("Resuming the run in %s: its checkpoints, metrics and test images continue there", run_dir)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(run_dir)
     output_dir = Path(cfg.paths.output_dir)
     print_config(cfg, output_dir / "config_resolved.yaml")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    ckpt_path = resolve_ckpt_path(cfg)
 
     # Everything that can be misconfigured is built (and the data validated) before any compute.
     cache_mode = parse_mode(cfg.get("feature_cache", False))

@@ -34,9 +34,9 @@ def _torch_and_onnx_maps(module: UFlowModule, path: Path, batch_size: int) -> tu
 
     images = torch.randn(batch_size, 3, 64, 64, generator=torch.Generator().manual_seed(batch_size))
     with torch.no_grad():
-        expected = AnomalyMapNet(module.model.eval(), module.eval_size)(images).numpy()
+        expected = AnomalyMapNet(module.model.eval(), module.eval_size)(images)[0].numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {"images": images.numpy()})
+    (got,) = session.run(["anomaly_map"], {"images": images.numpy()})
     return expected, got
 
 
@@ -57,7 +57,54 @@ def test_onnx_map_matches_torch_for_any_batch_size(checkpoint, tmp_path):
         assert expected.std() > 0  # a real map, not a constant that would match trivially
     metadata = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert metadata["input_size"] == "64" and metadata["eval_size"] == "64"
-    assert metadata["flow_blocks"] == "fast"
+    assert metadata["flow_blocks"] == "fast" and metadata["latents"] == "3"
+    # the latents come out too, for the NFA thresholds
+    from uflow_exp.onnx_runner import OnnxAnomalyModel
+
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    amap, z = OnnxAnomalyModel(path, 64, 64, 3)(images)
+    with torch.no_grad():
+        expected = AnomalyMapNet(module.model.eval(), module.eval_size)(images)
+    assert [tuple(t.shape) for t in z] == [tuple(t.shape) for t in expected[1:]]
+    for got, want in zip((amap, *z), expected, strict=True):
+        assert (got - want).abs().max() < 1e-4 * max(1.0, want.abs().max().item())
+
+
+@needs_onnx
+def test_evaluate_with_onnxruntime_gives_the_torch_metrics(checkpoint, tmp_path, monkeypatch):
+    from uflow_exp import onnx_runner
+    from uflow_exp.tasks.evaluate import evaluate
+
+    runs = []
+    call = onnx_runner.OnnxAnomalyModel.__call__
+    monkeypatch.setattr(
+        onnx_runner.OnnxAnomalyModel, "__call__", lambda self, x: runs.append(len(x)) or call(self, x)
+    )
+
+    export_onnx(UFlowModule.from_checkpoint(str(checkpoint)), tmp_path / "model.onnx")
+    root = checkpoint.parents[2] / "data"
+    data = ["dataset=mvtec", f"dataset.root={root}", "dataset.num_workers=0", "logger=csv", "trainer=cpu"]
+    results = {}
+    for backend in ("torch", "onnxruntime"):
+        cfg = compose_train(
+            [*data, f"ckpt_path={checkpoint}", f"backend={backend}", f"onnx_path={tmp_path / 'model.onnx'}"],
+            tmp_path / backend,
+            "eval",
+        )
+        results[backend] = evaluate(cfg)
+    assert sum(runs) == 4  # the onnxruntime evaluation ran the graph on the 4 test images
+    assert "test/pixel_auroc" in results["torch"] and "test/miou" in results["torch"]
+    for key, value in results["torch"].items():
+        assert results["onnxruntime"][key] == pytest.approx(value, abs=1e-3, nan_ok=True), key
+
+
+@needs_onnx
+def test_a_graph_of_another_configuration_is_refused(checkpoint, tmp_path):
+    from uflow_exp.onnx_runner import OnnxAnomalyModel, OnnxRunError
+
+    path = export_onnx(UFlowModule.from_checkpoint(str(checkpoint)), tmp_path / "model.onnx")
+    with pytest.raises(OnnxRunError, match=r"model.onnx was exported from another configuration.*input_size"):
+        OnnxAnomalyModel(path, 128, 64, 3)
 
 
 @needs_onnx

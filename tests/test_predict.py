@@ -14,6 +14,7 @@ from PIL import Image
 
 from tests import fake_layouts
 from tests.framework_helpers import TINY, compose_train
+from uflow_exp.models.uflow.lightning_module import UFlowModule
 from uflow_exp.tasks.predict import CSV_COLUMNS, CSV_NAME, predict
 from uflow_exp.tasks.train import train
 
@@ -180,3 +181,52 @@ def _predict_ok(ckpt: Path, input_: Path, out: Path, *extra: str) -> Path:
 
 def _rows_of(out: Path) -> list[dict]:
     return sorted(_rows(out), key=lambda r: r["path"])
+
+
+def test_onnxruntime_backend_predicts_what_torch_predicts(checkpoint, inputs, tmp_path, monkeypatch):
+    from uflow_exp import onnx_runner
+    from uflow_exp.tasks.export import export_onnx
+
+    runs = []
+    call = onnx_runner.OnnxAnomalyModel.__call__
+    monkeypatch.setattr(
+        onnx_runner.OnnxAnomalyModel, "__call__", lambda self, x: runs.append(len(x)) or call(self, x)
+    )
+
+    export_onnx(UFlowModule.from_checkpoint(str(checkpoint)), tmp_path / "model.onnx")
+    torch_rows = _rows_of(_predict_ok(checkpoint, inputs, tmp_path / "torch", "raw_map=npy"))
+    onnx_rows = _rows_of(
+        _predict_ok(
+            checkpoint,
+            inputs,
+            tmp_path / "onnx",
+            "raw_map=npy",
+            "backend=onnxruntime",
+            f"onnx_path={tmp_path / 'model.onnx'}",
+        )
+    )
+    assert sum(runs) == len(GOOD)  # the graph ran on every readable image
+    assert [r["path"] for r in onnx_rows] == [r["path"] for r in torch_rows]
+    for ours, theirs in zip(onnx_rows, torch_rows, strict=True):
+        assert float(ours["score"]) == pytest.approx(float(theirs["score"]), abs=1e-4)
+        assert float(ours["max_neg_log10_nfa"]) == pytest.approx(float(theirs["max_neg_log10_nfa"]), abs=1e-2)
+        assert ours["decision"] == theirs["decision"]
+    for name in GOOD:
+        stem = Path(name).stem
+        a, b = (np.load(tmp_path / kind / "maps" / f"{stem}.npy") for kind in ("torch", "onnx"))
+        assert np.abs(a - b).max() < 1e-4 and a.std() > 0
+
+
+def test_onnxruntime_backend_without_a_graph_says_how_to_export(checkpoint, inputs, tmp_path):
+    from uflow_exp.onnx_runner import OnnxRunError
+
+    with pytest.raises(OnnxRunError, match=r"no graph .*missing.onnx.*uflow_exp.export ckpt_path="):
+        _predict(
+            checkpoint,
+            inputs,
+            tmp_path / "out",
+            "backend=onnxruntime",
+            f"onnx_path={tmp_path / 'missing.onnx'}",
+        )
+    with pytest.raises(ValueError, match="backend=tensorrt: expected one of torch, onnxruntime"):
+        _predict(checkpoint, inputs, tmp_path / "out", "backend=tensorrt")

@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from uflow_exp.models.uflow.lightning_module import UFlowModule
+from uflow_exp.onnx_runner import apply_backend
 from uflow_exp.utils import instantiate_dict, print_config, require_checkpoint, write_metrics
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         model = hydra.utils.instantiate(cfg.model)
         model.model.load_reference_state_dict(checkpoint, require_backbone=True)
         log.info("Loaded %s as a checkpoint of the authors' release", ckpt)
+    apply_backend(model, cfg.get("backend", "torch"), cfg.get("onnx_path"), ckpt)
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, logger=instantiate_dict(cfg.get("logger")) or False
     )

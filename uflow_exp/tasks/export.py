@@ -1,9 +1,10 @@
 """Export a trained checkpoint's backbone + flow + anomaly map to a deployable graph (ONNX).
 
 The graph takes RGB images in [0, 1] (B, 3, S, S) with S the checkpoint's ``input_size`` (the ImageNet
-normalisation is inside it, as in the model) and
-returns the anomaly map (B, 1, eval_size, eval_size) that metrics and thresholds see; the batch axis is
-dynamic. Thresholds and the NFA need Python-side state and statistics, so they are not part of it.
+normalisation is inside it, as in the model) and returns the anomaly map (B, 1, eval_size, eval_size)
+that metrics and thresholds see, then the latents ``z0``, ``z1``, ... (finest scale first) that the NFA
+thresholds take; the batch axis is dynamic. Thresholds and the NFA stay in Python
+(``predict``/``evaluate`` with ``backend=onnxruntime`` run the graph and threshold its outputs).
 """
 
 from __future__ import annotations
@@ -27,17 +28,21 @@ INPUT_NAME = "images"
 OUTPUT_NAME = "anomaly_map"
 
 
+def latent_names(n_scales: int) -> list[str]:
+    return [f"z{s}" for s in range(n_scales)]
+
+
 class AnomalyMapNet(nn.Module):
-    """Images -> anomaly map, the inference path of ``UFlowModule`` as one module."""
+    """Images -> (anomaly map, latents per scale), the inference path of ``UFlowModule`` as one module."""
 
     def __init__(self, model: UFlow, eval_size: int):
         super().__init__()
         self.model = model
         self.eval_size = eval_size
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         z, _ = self.model.encode(self.model.normalize(self.model.extract(images)), jac=False)
-        return self.model.anomaly_map(z, self.eval_size)
+        return (self.model.anomaly_map(z, self.eval_size), *z)
 
 
 def reference_flow_copy(module: UFlowModule) -> UFlow:
@@ -48,7 +53,8 @@ def reference_flow_copy(module: UFlowModule) -> UFlow:
     return model.eval()
 
 
-def _export_onnx_graph(net: nn.Module, example: torch.Tensor, output: Path, opset: int) -> None:
+def _export_onnx_graph(net: AnomalyMapNet, example: torch.Tensor, output: Path, opset: int) -> None:
+    outputs = [OUTPUT_NAME, *latent_names(len(net.model.feature_extractor.channels))]
     with warnings.catch_warnings():
         # The fast block checks once whether w_perm is a permutation (a Python bool of a tensor); the
         # tracer warns that it becomes a constant, which is right: the weights are frozen in the graph.
@@ -62,8 +68,8 @@ def _export_onnx_graph(net: nn.Module, example: torch.Tensor, output: Path, opse
             dynamo=False,
             opset_version=opset,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *outputs]},
         )
 
 
@@ -101,6 +107,7 @@ def export_onnx(module: UFlowModule, output: str | Path, opset: int = 17, fast_f
         "input_normalisation": "none: RGB in [0, 1]; the graph applies the ImageNet mean/std itself",
         "backbone": str(module.hparams.backbone["name"]),
         "flow_blocks": flow_kind,
+        "latents": str(len(module.model.feature_extractor.channels)),
     }.items():
         graph.metadata_props.add(key=key, value=value)
     onnx.save(graph, str(output))
@@ -117,7 +124,7 @@ def onnx_max_abs_difference(
     side = module.hparams.backbone["input_size"]
     images = torch.randn(batch_size, 3, side, side, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        expected = AnomalyMapNet(module.model.eval().cpu(), module.eval_size)(images)
+        expected = AnomalyMapNet(module.model.eval().cpu(), module.eval_size)(images)[0]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})
     return float((torch.from_numpy(got) - expected).abs().max())

@@ -27,6 +27,7 @@ from uflow_exp.data import AnomalyDataset, BadFileError, Record
 from uflow_exp.data.io import read_image
 from uflow_exp.data.records import IMAGE_SUFFIXES, list_images, natural_key
 from uflow_exp.models.uflow.lightning_module import UFlowModule
+from uflow_exp.onnx_runner import apply_backend
 from uflow_exp.utils import print_config, require_checkpoint
 
 log = logging.getLogger(__name__)
@@ -216,6 +217,7 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     output.mkdir(parents=True, exist_ok=True)
     device = _device(cfg.device)
     module = _load_module(ckpt, cfg.get("threshold"), device)
+    apply_backend(module, cfg.get("backend", "torch"), cfg.get("onnx_path"), ckpt)
     with open_dict(cfg):
         cfg.threshold = dict(module.hparams.threshold)  # what ran, in config_resolved.yaml
     print_config(cfg, Path(cfg.paths.output_dir) / "config_resolved.yaml")

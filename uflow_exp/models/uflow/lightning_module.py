@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import hydra
@@ -73,6 +74,9 @@ class UFlowModule(L.LightningModule):
         self._val_anomalous = 0
         # the pixel ROC and PRO curves of the last test epoch, for callbacks that draw them
         self.test_curves: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # images -> (anomaly map, latents) in place of the torch model at prediction and test time
+        # (an exported graph run by onnxruntime: ``use_onnx``); None: the torch model
+        self.inference: Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]] | None = None
 
     @classmethod
     def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu") -> UFlowModule:
@@ -88,6 +92,14 @@ class UFlowModule(L.LightningModule):
         module = cls(**hparams)
         module.load_state_dict(checkpoint["state_dict"])
         return module.to(map_location)
+
+    def use_onnx(self, path: str) -> None:
+        """Predict and test with the exported graph at ``path`` (onnxruntime on the CPU) instead of
+        the torch model; thresholds still segment in Python. Training and validation stay in torch."""
+        from uflow_exp.onnx_runner import OnnxAnomalyModel
+
+        input_size, n_scales = self.hparams.backbone["input_size"], len(self.model.feature_extractor.channels)
+        self.inference = OnnxAnomalyModel(path, input_size, self.eval_size, n_scales)
 
     def replace_threshold(self, config: dict) -> None:
         """Threshold with another mode (a ``_target_`` config) from now on; the hyper-parameters, and so
@@ -166,8 +178,11 @@ class UFlowModule(L.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int = 0) -> dict[str, torch.Tensor]:
         """Anomaly map, segmentation and the map it thresholds, at ``eval_size``."""
-        z, _ = self._latents(batch, jac=False)  # maps and thresholds need only the latents
-        amap = self.model.anomaly_map(z, self.eval_size)
+        if self.inference is not None:
+            amap, z = self.inference(batch["image"])
+        else:
+            z, _ = self._latents(batch, jac=False)  # maps and thresholds need only the latents
+            amap = self.model.anomaly_map(z, self.eval_size)
         segmentation = self.threshold.segment(z, amap)
         return {
             "anomaly_map": amap,

@@ -122,6 +122,37 @@ def segment(model, raw, nfa: bool, bf16: bool = False, flow=None) -> list[torch.
     return maps
 
 
+def onnx_images_per_s(model: UFlow, x: torch.Tensor, batch: int) -> float:
+    """Images/s of the exported graph (backbone + flow + map, what ``backend=onnxruntime`` runs) on
+    onnxruntime's CPU kernels, with as many threads as torch uses."""
+    import onnxruntime as ort
+
+    from uflow_exp.tasks.export import AnomalyMapNet, _export_onnx_graph
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        _export_onnx_graph(AnomalyMapNet(model.eval(), model.input_size).eval(), x[:batch].cpu(), path, 17)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    images = [x[rows.start : rows.stop].cpu().numpy() for rows in batches(len(x), batch)]
+    run = lambda: [session.run(["anomaly_map"], {"images": chunk}) for chunk in images]  # noqa: E731
+    run()
+    return len(x) / min(seconds(run, torch.device("cpu")) for _ in range(3))
+
+
+def bf16_inference(model: UFlow, x: torch.Tensor, batch: int, raw, device: torch.device) -> dict:
+    """Images/s of inference under bf16 autocast, and its largest map difference from fp32."""
+    backbone_s = seconds(lambda: extract(model, x, batch, bf16=True), device)
+    raw_bf16 = extract(model, x, batch, bf16=True)
+    segment(model, raw_bf16, nfa=False, bf16=True)
+    flow_s = seconds(lambda: segment(model, raw_bf16, nfa=False, bf16=True), device)
+    fp32 = torch.cat(segment(model, raw, nfa=False))
+    low = torch.cat(segment(model, raw_bf16, nfa=False, bf16=True))
+    difference = ((low - fp32).abs().max() / (fp32.max() - fp32.min())).item()
+    return {"infer_map_bf16": len(x) / (backbone_s + flow_s), "bf16_map_diff": difference}
+
+
 def run_case(case: str, n: int, batch: int, device: torch.device, repeats: int, bf16: bool) -> dict:
     backbone, size = case.split("@")
     size = int(size)
@@ -168,15 +199,10 @@ def run_case(case: str, n: int, batch: int, device: torch.device, repeats: int, 
         device,
     )
     result.update({f"infer_{name}": n / (backbone_s + median) for name, median in medians.items()})
+    if device.type == "cpu":
+        result["infer_onnx"] = onnx_images_per_s(model, x, batch)
     if bf16:
-        backbone_s = seconds(lambda: extract(model, x, batch, bf16=True), device)
-        raw_bf16 = extract(model, x, batch, bf16=True)
-        segment(model, raw_bf16, nfa=False, bf16=True)
-        flow_s = seconds(lambda: segment(model, raw_bf16, nfa=False, bf16=True), device)
-        result["infer_map_bf16"] = n / (backbone_s + flow_s)
-        fp32 = torch.cat(segment(model, raw, nfa=False))
-        low = torch.cat(segment(model, raw_bf16, nfa=False, bf16=True))
-        result["bf16_map_diff"] = ((low - fp32).abs().max() / (fp32.max() - fp32.min())).item()
+        result.update(bf16_inference(model, x, batch, raw, device))
 
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
@@ -305,7 +331,8 @@ def print_case_table(results: list[dict]) -> None:
         "ours / reference",
         "inference map img/s: reference flow",
     ]
-    header += ["ours", "ours / reference", "map + tree NFA img/s", "peak RSS MB"]
+    header += ["ours", "ours / reference", "onnxruntime", "onnxruntime / ours", "map + tree NFA img/s"]
+    header += ["peak RSS MB"]
     rows = [
         [
             r["case"],
@@ -319,6 +346,8 @@ def print_case_table(results: list[dict]) -> None:
             f"{r['infer_map_reference']:.2f}",
             f"{r['infer_map']:.2f}",
             f"{r['infer_map'] / r['infer_map_reference']:.2f}x",
+            f"{r['infer_onnx']:.2f}" if "infer_onnx" in r else "-",
+            f"{r['infer_onnx'] / r['infer_map']:.2f}x" if "infer_onnx" in r else "-",
             f"{r['infer_nfa']:.2f}",
             f"{r['peak_rss_mb']:.0f}",
         ]

@@ -36,11 +36,15 @@ def test_pipeline_benchmark_prints_every_column():
     )  # fmt: skip
     main, bf16_table = out.split("bf16 autocast")
     (row,) = table_rows(main, "resnet18@64")
-    assert len(row) == 13 and row[1] == "2 (2)"
+    assert len(row) == 15 and row[1] == "2 (2)"  # ... torch and onnxruntime inference side by side
     assert all(float(cell.rstrip("x")) > 0 for cell in row[2:])
     (bf16,) = table_rows(bf16_table, "resnet18@64")
     assert 0 < float(bf16[-1]) < 0.1  # bf16 maps differ from fp32's, by a little
     assert [row[0] for row in table_rows(out, "") if row[0] in ("memory", "disk")] == ["memory", "disk"]
+    # cached epochs of large PNG files: decoded every epoch vs features served
+    data_path = out.split("PNG files through AnomalyDataset")[1]
+    served = next(row for row in table_rows(data_path, "") if row[-1].endswith("x"))
+    assert len(served) == 3 and all(float(cell.rstrip("x")) > 0 for cell in served)
     sizes = [row[0] for row in table_rows(out, "") if row[0].isdigit()]
     assert sizes == ["256", "256", "256", "128", "384"]
 

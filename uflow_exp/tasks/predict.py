@@ -210,12 +210,9 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     """Returns ``{"images": predicted, "failed": unreadable}``; each failure is logged by name."""
     if cfg.raw_map not in RAW_MAPS:
         raise ValueError(f"raw_map must be one of {RAW_MAPS}, got {cfg.raw_map!r}")
-    ckpt = require_checkpoint(cfg.ckpt_path)
-    files = find_inputs(str(cfg.input))
-    names = output_names(files)
-    output = Path(cfg.output)
+    ckpt, files, device = require_checkpoint(cfg.ckpt_path), find_inputs(str(cfg.input)), _device(cfg.device)
+    names, output = output_names(files), Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
-    device = _device(cfg.device)
     module = _load_module(ckpt, cfg.get("threshold"), device)
     apply_backend(module, cfg.get("backend", "torch"), cfg.get("onnx_path"), ckpt)
     with open_dict(cfg):

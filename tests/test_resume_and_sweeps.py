@@ -382,3 +382,24 @@ def test_a_wrong_data_root_is_one_message_without_traceback(tmp_path):
     out = result.stdout + result.stderr
     assert f"DatasetNotFoundError: folder: no folder {missing}. Expected layout: ROOT/<normal_dir>" in out
     assert "Traceback" not in out
+    # the files are listed before torch and Lightning load: the error comes before any of their lines
+    assert "lightning" not in out.lower() and "Seed set" not in out
+
+
+def test_a_data_error_loads_neither_torch_nor_lightning(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import runpy, sys\n"
+        f"sys.argv = ['uflow_exp', 'dataset=folder', 'logger=csv', 'hydra.run.dir={tmp_path}']\n"
+        "try:\n"
+        "    runpy.run_module('uflow_exp', run_name='__main__')\n"
+        "except SystemExit as exit:\n"
+        "    print('EXIT', exit.code, 'torch' in sys.modules, 'lightning' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert "EXIT 1 False False" in result.stdout, result.stdout + result.stderr[-2000:]
+    assert (
+        "folder: dataset.root is not set. Expected layout: ROOT/<normal_dir>" in result.stdout + result.stderr
+    )

@@ -6,7 +6,7 @@ import math
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from uflow_exp.utils import CONFIG_DIR, quiet_expected_warnings, register_resolvers, run_task
 
@@ -15,11 +15,23 @@ register_resolvers()
 quiet_expected_warnings()
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def checked_train(cfg: DictConfig) -> dict[str, float]:
+    """List the data set's files first, with light imports, so that a wrong root or layout fails in
+    about a second; only then load torch and Lightning and train."""
+    from uflow_exp.data.layouts import preflight
+
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    for key in OmegaConf.missing_keys(cfg.dataset):  # `root: ???` not given: the layout says so
+        dataset[key.removeprefix("dataset.")] = None
+    preflight(dataset)
     from uflow_exp.tasks.train import train
 
-    metrics = run_task(train, cfg, multirun=HydraConfig.get().mode == RunMode.MULTIRUN)
+    return train(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = run_task(checked_train, cfg, multirun=HydraConfig.get().mode == RunMode.MULTIRUN)
     name = cfg.get("optimized_metric")
     if not name:
         return None

@@ -1,29 +1,29 @@
-"""Data sets: one module per on-disk layout, one shared Dataset, one LightningDataModule."""
+"""Data sets: one module per on-disk layout, one shared Dataset, one LightningDataModule.
 
-from uflow_exp.data.datamodule import LAYOUTS, AnomalyDataModule
-from uflow_exp.data.dataset import AnomalyDataset, validate_records
-from uflow_exp.data.records import (
-    BadFileError,
-    DatasetError,
-    DatasetNotFoundError,
-    FileProblems,
-    LayoutContext,
-    NpyFrame,
-    Record,
-    Splits,
-)
+Names load on first use, so that listing files (``uflow_exp.data.layouts``) imports neither torch
+nor Lightning.
+"""
 
-__all__ = [
-    "LAYOUTS",
-    "AnomalyDataModule",
-    "AnomalyDataset",
-    "BadFileError",
-    "DatasetError",
-    "DatasetNotFoundError",
-    "FileProblems",
-    "LayoutContext",
-    "NpyFrame",
-    "Record",
-    "Splits",
-    "validate_records",
-]
+import importlib
+
+_WHERE = {
+    "LAYOUTS": "layouts",
+    "AnomalyDataModule": "datamodule",
+    "AnomalyDataset": "dataset",
+    "validate_records": "dataset",
+    "BadFileError": "records",
+    "DatasetError": "records",
+    "DatasetNotFoundError": "records",
+    "FileProblems": "records",
+    "LayoutContext": "records",
+    "NpyFrame": "records",
+    "Record": "records",
+    "Splits": "records",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"uflow_exp.data.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'uflow_exp.data' has no attribute {name!r}")

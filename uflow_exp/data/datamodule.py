@@ -2,38 +2,20 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 from pathlib import Path
-from types import ModuleType
 
 import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Sampler
 
-from uflow_exp.data import btad, folder, lgg_mri, mvtec, stc, textures
 from uflow_exp.data.dataset import AnomalyDataset, FeatureLookup, validate_records
-from uflow_exp.data.records import (
-    DatasetError,
-    FileProblems,
-    LayoutContext,
-    Record,
-    Splits,
-    split_off,
-)
+from uflow_exp.data.layouts import LAYOUTS, check_options, list_records
+from uflow_exp.data.records import DatasetError, FileProblems, Record, Splits, split_off
 
 log = logging.getLogger(__name__)
 
-# Each layout module has `find_records(ctx, **options) -> Splits` and `EXPECTED` (its layout in words).
-LAYOUTS: dict[str, ModuleType] = {
-    "textures": textures,
-    "mvtec": mvtec,
-    "btad": btad,
-    "lgg_mri": lgg_mri,
-    "stc": stc,
-    "folder": folder,
-}
 VAL_SPLITS = ("train", "test")
 
 
@@ -113,20 +95,12 @@ class AnomalyDataModule(L.LightningDataModule):
         **options,
     ) -> None:
         super().__init__()
-        if layout not in LAYOUTS:
-            raise DatasetError(f"unknown dataset layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
         if val_split not in VAL_SPLITS:
             raise DatasetError(f"val_split must be one of {VAL_SPLITS}, got {val_split!r}")
         if val_split == "train" and not 0 < val_fraction < 1:
             raise DatasetError(f"val_fraction must be in (0, 1) with val_split=train, got {val_fraction}")
         FileProblems(on_bad_file)  # rejects an unknown mode now rather than at setup
-        accepted = list(inspect.signature(LAYOUTS[layout].find_records).parameters)[1:]
-        unknown = sorted(set(options) - set(accepted))
-        if unknown:
-            raise DatasetError(
-                f"dataset layout {layout!r} got unknown option(s) {', '.join(unknown)}; "
-                f"it accepts {', '.join(accepted)}"
-            )
+        check_options(layout, options)
         self.save_hyperparameters()
         self.layout = layout
         self.root = None if root is None else Path(root)
@@ -150,9 +124,9 @@ class AnomalyDataModule(L.LightningDataModule):
     def _find(self) -> tuple[Splits, FileProblems]:
         """The layout's records, listed once per process (what it skipped under ``warn`` with them)."""
         if self._found is None:
-            problems = FileProblems(self.on_bad_file)
-            ctx = LayoutContext(self.root, self.category, self.seed, problems)
-            self._found = LAYOUTS[self.layout].find_records(ctx, **self.options), problems
+            self._found = list_records(
+                self.layout, self.root, self.category, self.seed, self.on_bad_file, self.options
+            )
         return self._found
 
     def prepare_data(self) -> None:

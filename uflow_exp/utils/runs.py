@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import re
+import sys
 import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -78,14 +79,22 @@ def write_metrics(metrics: Mapping[str, Any], path: Path) -> dict[str, float]:
 
 
 def _is_usage_error(error: Exception) -> bool:
-    """A wrong data root, layout, weights file, cache or checkpoint path (not a bug)."""
-    from uflow_exp.data.records import DatasetError
-    from uflow_exp.feature_cache import FeatureCacheError
-    from uflow_exp.models.uflow.feature_extraction import BackboneWeightsError
+    """A wrong data root, layout, weights file, cache or checkpoint path (not a bug).
 
-    return isinstance(
-        error, DatasetError | BackboneWeightsError | FeatureCacheError | CheckpointNotFoundError
-    )
+    The error classes of modules not loaded yet cannot have been raised: they are not imported here,
+    so an early data error stays quick.
+    """
+    from uflow_exp.data.records import DatasetError
+
+    kinds = [DatasetError, CheckpointNotFoundError]
+    for module, name in (
+        ("uflow_exp.feature_cache", "FeatureCacheError"),
+        ("uflow_exp.models.uflow.feature_extraction", "BackboneWeightsError"),
+        ("uflow_exp.onnx_runner", "OnnxRunError"),
+    ):
+        if module in sys.modules:
+            kinds.append(getattr(sys.modules[module], name))
+    return isinstance(error, tuple(kinds))
 
 
 def run_task(

@@ -9,6 +9,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from uflow_exp.utils import CONFIG_DIR, quiet_expected_warnings, register_resolvers, run_task
+from uflow_exp.utils.runs import route_lightning_logs
 
 log = logging.getLogger("uflow_exp")
 register_resolvers()
@@ -26,6 +27,7 @@ def checked_train(cfg: DictConfig) -> dict[str, float]:
     preflight(dataset)
     from uflow_exp.tasks.train import train
 
+    route_lightning_logs()  # Lightning is loaded only now: its own console handlers go now
     return train(cfg)
 
 

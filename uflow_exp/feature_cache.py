@@ -1,12 +1,13 @@
 """Raw backbone features computed once per image and reused across epochs (and, on disk, across runs).
 
 Valid only while the backbone is frozen (eval mode, no gradients; checked when a cache is opened and
-at its first use) and the data transform is deterministic (resize + normalise): an image's features
-then never change. A random transform (augmentation) would make every stored entry stale, so a
+before it is filled) and the data transform is deterministic (a resize): an image's features then
+never change. A random transform (augmentation) would make every stored entry stale, so a
 cache must never be combined with one.
 
 One lookup (`FeatureCache`) over two stores: `MemoryStore` (a dict, per process) and `DiskStore` (a
-folder under the cache folder, one float32 ``numpy.memmap`` per scale, rows indexed by image path).
+folder under the cache folder, one ``numpy.memmap`` per scale, float32 or float16, rows indexed by
+image path). The training task fills the cache before the first epoch; the data sets then read it.
 The disk folder is named after what the features depend on -- backbone, input size, the backbone's
 actual weights, the image size and each image file's path, size and mtime -- so a sweep over learning
 rates computes the backbone once, and a changed image or backbone gets a new folder. A row counts only

@@ -91,14 +91,14 @@ def cache_features(
         image_size=datamodule.image_size,
         dtype=cfg.get("feature_cache_dtype", "float32"),
     )
-    extractor = module.model.feature_extractor.to(trainer.strategy.root_device)
+    device = trainer.strategy.root_device
+    extractor = module.model.feature_extractor.to(device)
     paths = [str(r.image) for r in records]
     cache = open_feature_cache(extractor, mode, paths, spec, cfg.feature_cache_dir)
     missing = set(cache.missing(paths))
     todo = [r for r in records if os.path.abspath(r.image) in missing]
     if todo:
         start = time.perf_counter()
-        device = trainer.strategy.root_device
         batches = ((b["path"], b["image"].to(device)) for b in datamodule.image_loader(todo))
         count = cache.fill(batches, extractor.extract)
         log.info(

@@ -107,7 +107,9 @@ def test_default_is_the_real_data_recipe_on_embedded_data(tmp_path):
     )
     assert (cfg.flow.feature_noise, cfg.flow.train_norm_affine) == (0.3, False)
     assert cfg.model.optimizer.lr == pytest.approx(2e-3)
-    assert cfg.threshold._target_.endswith("NFABlockThreshold")
+    assert cfg.threshold._target_.endswith("NFATreeThreshold")
+    assert (cfg.threshold.clip_lower_tail, cfg.threshold.tests_by_size) == (True, True)
+    assert cfg.threshold.calibrate_on_normal and cfg.threshold.scales == 3
     # the recipe does not depend on the data set: a user's own data gets it too
     mvtec = compose_train(["dataset=mvtec", "dataset.root=/data"], tmp_path)
     assert (mvtec.flow, mvtec.model.optimizer, mvtec.backbone) == (
@@ -122,6 +124,10 @@ def test_paper_recipe_on_any_backbone(tmp_path):
     assert (cfg.trainer.max_epochs, cfg.model.optimizer.lr, cfg.flow.feature_noise) == (200, 1e-4, 0.0)
     assert cfg.backbone.layers == [1, 2, 3]
     assert cfg.threshold._target_.endswith("NFATreeThreshold")
+    # the tree NFA as published: none of the corrections
+    threshold = cfg.threshold
+    assert not (threshold.clip_lower_tail or threshold.tests_by_size or threshold.calibrate_on_normal)
+    assert threshold.scales is None
 
 
 def test_the_mvtec_experiment_reads_each_categorys_published_settings(tmp_path):

@@ -28,7 +28,7 @@ def random_maps(seed: int, n_images: int = 6, side: int = 16) -> tuple[torch.Ten
 
 def calibrated(threshold, maps: torch.Tensor, mask: torch.Tensor, batch: int = 4):
     for start in range(0, len(maps), batch):
-        threshold.calibration_update(maps[start : start + batch], mask[start : start + batch])
+        threshold.calibration_update([], maps[start : start + batch], mask[start : start + batch])
     threshold.calibrate()
     return threshold
 
@@ -118,6 +118,19 @@ def test_tree_adapter_thresholds_tree_nfa_at_its_level(options):
     assert result.mask[1].any() and not result.mask[0].any()
 
 
+@pytest.mark.parametrize("mode", [NFATreeThreshold, NFABlockThreshold])
+def test_scales_tests_the_finest_latent_scales_only(mode):
+    z = latents(0)
+    z[1][0] *= 3  # the coarse scale alone finds an anomaly in the first image
+    amap = torch.rand(2, 1, 32, 32)
+    finest = mode(scales=1).segment(z, amap)
+    assert torch.equal(finest.significance, mode().segment(z[:1], amap).significance)
+    assert not finest.mask[0].any() and mode().segment(z, amap).mask[0].any()
+    assert torch.equal(mode(scales=5).segment(z, amap).significance, mode().segment(z, amap).significance)
+    with pytest.raises(ValueError, match="threshold.scales.*got 0"):
+        mode(scales=0)
+
+
 def test_block_adapter_thresholds_block_nfa_at_its_level():
     z = latents(1)
     threshold = NFABlockThreshold(log_nfa_threshold=0.5, win_size=3, probability=0.8)
@@ -134,3 +147,57 @@ def test_calibrated_modes_threshold_the_anomaly_map():
     assert threshold.significance == "anomaly_map"
     result = threshold.segment([], maps)
     assert result.significance is maps and torch.equal(result.mask, maps >= threshold.level)
+
+
+def noisy_latents(seed: int, n_images: int = 6, spread: float = 1.0) -> list[torch.Tensor]:
+    """Latents ``spread`` times wider than the null's, as a flow gives on unseen normal images."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        spread * torch.randn(n_images, 8, 16, 16, generator=g),
+        spread * torch.randn(n_images, 8, 8, 8, generator=g),
+    ]
+
+
+@pytest.mark.parametrize("mode", [NFATreeThreshold, NFABlockThreshold])
+def test_calibrate_on_normal_takes_the_largest_significance_of_normal_validation_images(mode):
+    z = noisy_latents(0, spread=1.4)
+    z[0][1, :, 3:9, 3:9] *= 3  # image 1 holds a defect, and its mask says so: it must not count
+    mask = torch.zeros(6, 1, 32, 32, dtype=torch.bool)
+    mask[1, :, 6:18, 6:18] = True
+    options = {"clip_lower_tail": True, "tests_by_size": True} if mode is NFATreeThreshold else {}
+    threshold = mode(calibrate_on_normal=True, **options)
+    assert threshold.needs_calibration
+    for start in (0, 4):  # two validation batches
+        threshold.calibration_update(
+            [t[start : start + 4] for t in z], torch.rand(2, 1, 32, 32), mask[start : start + 4]
+        )
+    threshold.calibrate()
+    plain = mode(**options).segment(z, torch.rand(6, 1, 32, 32)).significance
+    normal_max = plain[[0, 2, 3, 4, 5]].max().item()
+    assert plain[1].max().item() > normal_max > 0  # the defect is more significant than any normal image
+    assert threshold.level == pytest.approx(normal_max, rel=1e-6)
+    result = threshold.segment(z, torch.rand(6, 1, 32, 32))
+    assert torch.equal(result.significance, plain)
+    assert not result.mask[[0, 2, 3, 4, 5]].any() and result.mask[1].any()
+    target = mode(calibrate_on_normal=True, **options)
+    target.load_state_dict(threshold.state_dict())
+    assert target.level == threshold.level
+
+
+def test_calibrate_on_normal_never_lowers_the_nfa_level():
+    z = noisy_latents(1, spread=0.5)  # under-dispersed: nothing significant on any image
+    threshold = NFATreeThreshold(log_nfa_threshold=0.0, calibrate_on_normal=True, clip_lower_tail=True)
+    threshold.calibration_update(z, torch.rand(6, 1, 32, 32), torch.zeros(6, 1, 32, 32, dtype=torch.bool))
+    threshold.calibrate()
+    assert float(threshold.calibrated_level) < 0 and threshold.level == 0.0
+
+
+def test_calibrate_on_normal_refuses_without_calibration_or_normal_images():
+    threshold = NFATreeThreshold(calibrate_on_normal=True)
+    with pytest.raises(RuntimeError, match="never calibrated.*calibrate_on_normal=false"):
+        threshold.segment(noisy_latents(0), torch.rand(6, 1, 32, 32))
+    threshold.calibration_update(
+        noisy_latents(0), torch.rand(6, 1, 32, 32), torch.ones(6, 1, 32, 32, dtype=torch.bool)
+    )
+    with pytest.raises(RuntimeError, match="no normal image"):
+        threshold.calibrate()

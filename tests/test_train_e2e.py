@@ -203,7 +203,10 @@ def test_evaluate_takes_a_checkpoint_of_the_authors_release(tmp_path):
 
     root = fake_layouts.make_mvtec(tmp_path / "data", n_train=6, size=64)
     data = ["dataset=mvtec", f"dataset.root={root}", "dataset.num_workers=0"]
-    trained = train(compose_train([*TINY, *data, "threshold=nfa_tree"], tmp_path / "run"))
+    # the threshold the authors' checkpoints are evaluated with: their tree NFA, none of our corrections
+    reference = ["threshold=nfa_tree", "threshold.clip_lower_tail=false", "threshold.tests_by_size=false"]
+    reference.append("threshold.calibrate_on_normal=false")
+    trained = train(compose_train([*TINY, *data, *reference], tmp_path / "run"))
     ours = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     # Their layout: a Lightning module holding the model as `model`, metric buffers beside it, and
     # hyper-parameters pickled as Python objects.
@@ -231,3 +234,20 @@ def test_evaluate_takes_a_checkpoint_of_the_authors_release(tmp_path):
     torch.save({"state_dict": state}, release)
     with pytest.raises(KeyError, match="backbone"):
         evaluate(cfg)
+
+
+def test_the_default_threshold_level_is_the_largest_significance_of_the_validation_normal_images(tmp_path):
+    import hydra
+
+    root = fake_layouts.make_mvtec(tmp_path / "data", n_train=8, size=64)
+    cfg = compose_train([*TINY, "dataset=mvtec", f"dataset.root={root}", "dataset.num_workers=0"], tmp_path)
+    assert cfg.threshold.calibrate_on_normal  # the default
+    train(cfg)
+    module = UFlowModule.from_checkpoint(str(tmp_path / "checkpoints" / "last.ckpt")).eval()
+    datamodule = hydra.utils.instantiate(cfg.dataset)
+    datamodule.setup("fit")
+    with torch.inference_mode():
+        seen = [module.predict_step(batch)["significance"] for batch in datamodule.val_dataloader()]
+    largest = max(float(s.max()) for s in seen)
+    assert float(module.threshold.calibrated_level) == pytest.approx(largest, rel=1e-5, abs=1e-4)
+    assert module.threshold.level == max(0.0, largest)

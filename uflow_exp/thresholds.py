@@ -1,7 +1,8 @@
 """Threshold modes: how an anomaly map (and the latents) become a binary segmentation.
 
-``nfa_tree`` / ``nfa_block`` need no labels and no calibration: a pixel is anomalous where
--log10 NFA exceeds ``log_nfa_threshold`` (0: under one expected false alarm per image).
+``nfa_tree`` / ``nfa_block`` need no labels: a pixel is anomalous where -log10 NFA exceeds
+``log_nfa_threshold`` (0: under one expected false alarm per image), or, with
+``calibrate_on_normal``, the largest -log10 NFA of the held-out normal images if that is higher.
 ``normal_quantile`` calibrates on held-out normal images (unsupervised); ``f1_adaptive`` calibrates
 on labelled validation images (for comparison only). Calibrated values are buffers, so they travel
 in checkpoints and evaluation / prediction reuse them.
@@ -14,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torchmetrics.aggregation import MaxMetric
 
 from uflow_exp.metrics.pixel import PixelHistogram
 from uflow_exp.nfa import block_nfa, tree_nfa
@@ -45,42 +47,101 @@ class Threshold(nn.Module):
     def segment(self, z: Sequence[Tensor], amap: Tensor) -> Segmentation:
         raise NotImplementedError
 
-    def calibration_update(self, amap: Tensor, mask: Tensor) -> None:
-        """Accumulate validation maps (only for calibrated modes)."""
+    def calibration_update(self, z: Sequence[Tensor], amap: Tensor, mask: Tensor) -> None:
+        """Accumulate a validation batch: latents, anomaly maps and masks (only calibrated modes)."""
 
     def calibrate(self) -> None:
         """Set the threshold from what ``calibration_update`` saw, then forget it."""
 
 
 class _NFAThreshold(Threshold):
-    """Pixels whose -log10 NFA exceeds ``log_nfa_threshold`` (0: under one expected false alarm)."""
+    """Pixels whose -log10 NFA exceeds ``log_nfa_threshold`` (0: under one expected false alarm).
+
+    The NFA counts false alarms under the null model "normal latents are independent standard
+    normals". A flow trained on real images breaks it in places (latents of neighbouring pixels are
+    correlated; unseen patients, parts or lighting shift them), and then normal images come out
+    significant. With ``calibrate_on_normal`` the level is raised to the largest -log10 NFA of any
+    held-out normal validation image (never lowered below ``log_nfa_threshold``): no validation image
+    without a defect is flagged, and the NFA keeps ranking the regions. Unsupervised: it uses only
+    images whose mask is empty.
+
+    ``scales``: the NFA tests the ``scales`` finest latent scales only (None: all). A latent pixel of
+    the coarsest scale of a deep backbone covers 32 x 32 image pixels, so when that scale is tested its
+    blocks make the mask, however small the defect; the anomaly map still uses every scale.
+    """
 
     significance = "neg_log10_nfa"
 
-    def __init__(self, log_nfa_threshold: float = 0.0) -> None:
+    def __init__(
+        self, log_nfa_threshold: float = 0.0, calibrate_on_normal: bool = False, scales: int | None = None
+    ) -> None:
         super().__init__()
+        if scales is not None and scales < 1:
+            raise ValueError(
+                f"threshold.scales must be a positive number of latent scales or null, got {scales}"
+            )
         self.log_nfa_threshold = log_nfa_threshold
+        self.scales = scales
+        self.calibrate_on_normal = calibrate_on_normal
+        self.needs_calibration = calibrate_on_normal
+        # the largest significance of a normal validation image; NaN until calibrated
+        self.register_buffer("calibrated_level", torch.tensor(float("nan")))
+        self._normal_max = MaxMetric(nan_strategy="error")  # synced over processes under DDP
 
     @property
     def level(self) -> float:
-        return float(self.log_nfa_threshold)
+        if not self.calibrate_on_normal:
+            return float(self.log_nfa_threshold)
+        if torch.isnan(self.calibrated_level):
+            raise RuntimeError(
+                f"{type(self).__name__} with calibrate_on_normal was never calibrated: it needs normal "
+                "validation images (dataset.val_split) and one validation epoch; or set "
+                "threshold.calibrate_on_normal=false for the uncalibrated level"
+            )
+        return max(float(self.log_nfa_threshold), float(self.calibrated_level))
 
     def _neg_log_nfa(self, z: list[Tensor], size: int) -> Tensor:
         raise NotImplementedError
 
+    def _significance(self, z: Sequence[Tensor], size: int, device: torch.device) -> Tensor:
+        return self._neg_log_nfa([t.float() for t in z[: self.scales]], size).to(device)
+
     def segment(self, z, amap):
-        significance = self._neg_log_nfa([t.float() for t in z], amap.shape[-1]).to(amap.device)
-        return Segmentation(significance > self.log_nfa_threshold, significance)
+        significance = self._significance(z, amap.shape[-1], amap.device)
+        return Segmentation(significance > self.level, significance)
+
+    def calibration_update(self, z, amap, mask):
+        if not self.calibrate_on_normal:
+            return
+        normal = ~mask.flatten(1).any(1)
+        if normal.any():
+            significance = self._significance([t[normal] for t in z], amap.shape[-1], amap.device)
+            self._normal_max.update(significance.amax())
+
+    def calibrate(self) -> None:
+        if not self.calibrate_on_normal:
+            return
+        if not self._normal_max.update_called:
+            raise RuntimeError(
+                f"{type(self).__name__}: the validation set held no normal image to calibrate on"
+            )
+        self.calibrated_level.fill_(float(self._normal_max.compute()))
+        self._normal_max.reset()
 
 
 class NFATreeThreshold(_NFAThreshold):
-    """The tree NFA; ``clip_lower_tail`` and ``tests_by_size`` are ``tree_nfa``'s options (both off:
-    the reference, exactly)."""
+    """The tree NFA; ``clip_lower_tail`` and ``tests_by_size`` are ``tree_nfa``'s options (every
+    option off and ``scales`` None: the reference, exactly)."""
 
     def __init__(
-        self, log_nfa_threshold: float = 0.0, clip_lower_tail: bool = False, tests_by_size: bool = False
+        self,
+        log_nfa_threshold: float = 0.0,
+        clip_lower_tail: bool = False,
+        tests_by_size: bool = False,
+        calibrate_on_normal: bool = False,
+        scales: int | None = None,
     ) -> None:
-        super().__init__(log_nfa_threshold)
+        super().__init__(log_nfa_threshold, calibrate_on_normal, scales)
         self.clip_lower_tail = clip_lower_tail
         self.tests_by_size = tests_by_size
 
@@ -91,8 +152,15 @@ class NFATreeThreshold(_NFAThreshold):
 class NFABlockThreshold(_NFAThreshold):
     """The block NFA over ``win_size`` windows of latent pixels beyond the ``probability`` quantile."""
 
-    def __init__(self, log_nfa_threshold: float = 0.0, win_size: int = 5, probability: float = 0.9) -> None:
-        super().__init__(log_nfa_threshold)
+    def __init__(
+        self,
+        log_nfa_threshold: float = 0.0,
+        win_size: int = 5,
+        probability: float = 0.9,
+        calibrate_on_normal: bool = False,
+        scales: int | None = None,
+    ) -> None:
+        super().__init__(log_nfa_threshold, calibrate_on_normal, scales)
         self.win_size = win_size
         self.probability = probability
 
@@ -109,7 +177,7 @@ class _CalibratedThreshold(Threshold):
         # NaN until calibrated: segmenting with an uncalibrated threshold is refused.
         self.register_buffer("value", torch.tensor(float("nan")))
 
-    def calibration_update(self, amap, mask):
+    def calibration_update(self, z, amap, mask):
         self.histogram.update(amap, mask)
 
     def calibrate(self) -> None:

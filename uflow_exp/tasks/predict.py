@@ -201,7 +201,8 @@ def _load_module(ckpt: Path, threshold: DictConfig | None, device: torch.device)
             raise ValueError(
                 f"threshold={threshold['_target_']} must be calibrated on held-out images, which "
                 "predict does not have: run `python -m uflow_exp.evaluate ckpt_path=... threshold=...` "
-                "on the data set, or predict with an NFA mode (threshold=nfa_tree or nfa_block)"
+                "on the data set, or predict with an NFA mode at its uncalibrated level "
+                "(threshold=nfa_block, or threshold=nfa_tree threshold.calibrate_on_normal=false)"
             )
     return module
 

@@ -161,7 +161,7 @@ class UFlowModule(L.LightningModule):
         amap = self.model.anomaly_map(z, self.eval_size)
         mask = self._eval_masks(batch)
         if not self.trainer.sanity_checking:  # the sanity batches would count twice after a resume
-            self.threshold.calibration_update(amap, mask)
+            self.threshold.calibration_update(z, amap, mask)
         self.val_metrics.update(amap, mask, labels=batch["label"], has_mask=batch["has_mask"])
         self._val_anomalous += int(batch["label"].sum())
 

@@ -43,14 +43,16 @@ COLUMNS = [
 ]
 # threshold modes of the second table: name -> overrides of `python -m uflow_exp.evaluate`
 THRESHOLDS = {
-    "normal_quantile": ["threshold=normal_quantile"],
-    "nfa_tree": ["threshold=nfa_tree"],
-    "nfa_tree+clip+by_size": [
+    "nfa_tree": ["threshold=nfa_tree"],  # the default
+    "nfa_tree (paper)": [
         "threshold=nfa_tree",
-        "threshold.clip_lower_tail=true",
-        "threshold.tests_by_size=true",
+        "threshold.clip_lower_tail=false",
+        "threshold.tests_by_size=false",
+        "threshold.calibrate_on_normal=false",
+        "threshold.scales=null",
     ],
     "nfa_block": ["threshold=nfa_block"],
+    "normal_quantile": ["threshold=normal_quantile"],
 }
 OPERATING_COLUMNS = [
     ("mIoU", "test/miou", "{:.3f}"),

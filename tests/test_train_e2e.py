@@ -52,6 +52,7 @@ def test_one_epoch_on_each_layout(layout, tmp_path):
     metrics = train(cfg)
     assert TEST_METRICS <= set(metrics)
     assert metrics["val/loss"] == metrics["val/loss"]  # finite, not NaN
+    assert metrics["time/train_images_per_s"] > 0  # the training loop's own rate, beside time/fit_s
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(written) == set(metrics)
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()

@@ -1,5 +1,6 @@
 """Lightning callbacks of the project."""
 
 from uflow_exp.callbacks.test_images import TestImageLogger
+from uflow_exp.callbacks.train_timer import TrainLoopTimer
 
-__all__ = ["TestImageLogger"]
+__all__ = ["TestImageLogger", "TrainLoopTimer"]

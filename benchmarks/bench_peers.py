@@ -1,0 +1,145 @@
+"""This project against anomalib's Uflow, side by side: one table of speed and memory.
+
+Run: .venv/bin/python benchmarks/bench_peers.py [--data ROOT/CATEGORY] [--epochs 5 --batches 24]
+(`make bench-peers`). On first use it makes `.venv-peers` and installs anomalib 2.7 there (torch
+2.14.1 from this disk, the rest from PyPI): anomalib is never a dependency of this project.
+
+Both tools train on the same images with the same configuration, one after the other, each in its
+own process: anomalib's default Uflow (resnet18 at 448 px, 4 flow steps, batch 8; random weights, as
+the hub is unreachable) against `python -m uflow_exp backbone=resnet18 backbone.pretrained=false
+backbone.input_size=448 ...`. Data: the embedded brick texture generated at 448 px (MVTec layout), or
+any MVTec-layout category folder given with `--data`.
+
+Columns: train images/s of the training loop (data loading and steps, no validation;
+`uflow_exp.callbacks.TrainLoopTimer` times both), fit wall time (ours includes filling the feature
+cache and a validation per epoch; anomalib's runs no validation), test images/s (decoding, model and
+each tool's metrics; ours also the tree NFA and 8 panels), peak RSS of the process tree (`wait4`), and
+the ratios ours / anomalib's. Only ratios from one run mean anything on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PEERS = ROOT / ".venv-peers"
+PEER_PYTHON = PEERS / "bin" / "python"
+PEER_PACKAGES = ["torch==2.14.1", "torchvision==0.29.1", "anomalib==2.7.*"]
+
+
+def ensure_peers() -> None:
+    """The peers' virtual environment, made once."""
+    probe = [str(PEER_PYTHON), "-c", "import anomalib"]
+    if PEER_PYTHON.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+        return
+    print(f"installing {' '.join(PEER_PACKAGES)} into {PEERS} (once)", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(PEERS)], check=True)
+    subprocess.run([str(PEER_PYTHON), "-m", "pip", "install", "-q", *PEER_PACKAGES], check=True)
+
+
+def measured(command: list[str]) -> tuple[str, float]:
+    """Runs ``command``; returns its stdout and the peak RSS (MB) of its process tree."""
+    with tempfile.TemporaryFile("w+") as out:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.DEVNULL)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        text = out.read()
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed with exit code {process.returncode}:\n{text[-3000:]}")
+    return text, usage.ru_maxrss / 1024
+
+
+def make_textures(folder: Path, size: int, n_train: int) -> Path:
+    from uflow_exp.data.textures import generate
+
+    generate(folder, "brick", seed=0, n_train=n_train, n_test_good=10, n_test_defect=20, size=size)
+    return folder / "brick"
+
+
+def run_peer(category_dir: Path, args) -> dict:
+    command = [
+        str(PEER_PYTHON),
+        str(ROOT / "benchmarks" / "peer_anomalib.py"),
+        str(category_dir.parent),
+        category_dir.name,
+        f"--batch={args.batch}",
+        f"--epochs={args.epochs}",
+        f"--batches={args.batches}",
+        f"--out={args.work / 'peer'}",
+    ]
+    text, rss = measured(command)
+    return {**json.loads(text.strip().splitlines()[-1]), "peak_rss_mb": rss}
+
+
+def run_ours(category_dir: Path, args) -> dict:
+    out = args.work / "ours"
+    command = [
+        sys.executable, "-m", "uflow_exp",
+        "dataset=mvtec", f"dataset.root={category_dir.parent}", f"dataset.category={category_dir.name}",
+        "backbone=resnet18", "backbone.pretrained=false", f"backbone.input_size={args.size}",
+        f"dataset.batch_size={args.batch}", f"trainer.max_epochs={args.epochs}",
+        f"trainer.limit_train_batches={args.batches}", "logger=csv",
+        f"paths.log_dir={args.work}", f"hydra.run.dir={out}",
+    ]  # fmt: skip
+    _, rss = measured(command)
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {
+        "fit_s": metrics["time/fit_s"],
+        "train_images_per_s": metrics["time/train_images_per_s"],
+        "test_images_per_s": metrics["time/test_images_per_s"],
+        "pixel_auroc": metrics["test/pixel_auroc"],
+        "peak_rss_mb": rss,
+    }
+
+
+def table(peer: dict, ours: dict) -> str:
+    rows = [
+        ("train images/s (training loop)", "train_images_per_s", "{:.2f}", False),
+        ("fit wall s", "fit_s", "{:.0f}", True),
+        ("test images/s", "test_images_per_s", "{:.2f}", False),
+        ("peak RSS MB", "peak_rss_mb", "{:.0f}", True),
+        ("pixel AUROC (random weights: a sanity check only)", "pixel_auroc", "{:.3f}", False),
+    ]
+    lines = ["| | anomalib 2.7 Uflow | uflow_exp | ours / anomalib |", "|---|---|---|---|"]
+    for name, key, fmt, lower_is_better in rows:
+        a, b = peer.get(key), ours.get(key)
+        ratio = (
+            "-" if not a or b is None else f"{b / a:.2f}x" + (" (lower is better)" if lower_is_better else "")
+        )
+        cells = ["-" if v is None else fmt.format(v) for v in (a, b)]
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument(
+        "--data", type=Path, help="an MVTec-layout category folder (default: brick at --size)"
+    )
+    parser.add_argument("--size", type=int, default=448, help="input size (anomalib's Uflow fixes 448)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batches", type=int, default=24, help="training batches per epoch")
+    args = parser.parse_args()
+    ensure_peers()
+    with tempfile.TemporaryDirectory(prefix="bench-peers-") as tmp:
+        args.work = Path(tmp)
+        category_dir = args.data or make_textures(args.work / "data", args.size, args.batch * args.batches)
+        print(f"data: {category_dir}; resnet18 @ {args.size}, batch {args.batch}, "
+              f"{args.epochs} epochs of {args.batches} batches", flush=True)  # fmt: skip
+        peer = run_peer(category_dir, args)
+        print(f"anomalib: {peer}", flush=True)
+        ours = run_ours(category_dir, args)
+        print(f"uflow_exp: {ours}", flush=True)
+    print(table(peer, ours))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""TrainLoopTimer counts the training loop's images and seconds, and not what follows the last batch
+(validation, checkpointing)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from uflow_exp.callbacks import train_timer
+from uflow_exp.callbacks.train_timer import TrainLoopTimer, batch_images
+
+
+class Clock:
+    def __init__(self, times):
+        self.times = iter(times)
+
+    def __call__(self):
+        return next(self.times)
+
+
+class Module:
+    def __init__(self):
+        self.logged = {}
+
+    def log(self, name, value, **kwargs):
+        self.logged[name] = value
+
+
+def test_images_per_second_of_the_training_loop_only(monkeypatch):
+    # epoch 1: starts at 0, batches end at 1 and 3, validation until 10; epoch 2: 10, batch ends at 12
+    monkeypatch.setattr(train_timer.time, "perf_counter", Clock([0.0, 1.0, 3.0, 10.0, 12.0]))
+    timer, module = TrainLoopTimer(), Module()
+    batch = {"label": torch.zeros(4)}
+    timer.on_train_epoch_start(None, module)
+    timer.on_train_batch_end(None, module, None, batch, 0)
+    timer.on_train_batch_end(None, module, None, batch, 1)
+    timer.on_train_epoch_end(None, module)
+    assert module.logged["time/train_images_per_s"] == pytest.approx(8 / 3)
+    timer.on_train_epoch_start(None, module)
+    timer.on_train_batch_end(None, module, None, {"label": torch.zeros(2)}, 0)
+    timer.on_train_epoch_end(None, module)
+    assert module.logged["time/train_images_per_s"] == pytest.approx(10 / 5)
+
+
+def test_batch_images_reads_dicts_and_batch_objects():
+    assert batch_images({"label": torch.zeros(3), "image": torch.zeros(3, 3, 8, 8)}) == 3
+    assert batch_images(SimpleNamespace(image=torch.zeros(5, 3, 8, 8))) == 5

@@ -386,11 +386,20 @@ def test_a_wrong_data_root_is_one_message_without_traceback(tmp_path):
     assert "lightning" not in out.lower() and "Seed set" not in out
 
 
-def test_a_data_error_loads_neither_torch_nor_lightning(tmp_path):
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("dataset=folder", "folder: dataset.root is not set. Expected layout: ROOT/<normal_dir>"),
+        ("trainer.max_epochs=ten", "ConfigValueError: trainer.max_epochs='ten': expected an integer >= -1"),
+        ("backbone.weights=/nope.pth", "ConfigValueError: backbone.weights: /nope.pth is not a file"),
+        ("ckpt_path=/nope.ckpt", "CheckpointNotFoundError: ckpt_path=/nope.ckpt: no such checkpoint file"),
+    ],
+)
+def test_a_usage_error_loads_neither_torch_nor_lightning(override, message, tmp_path):
     script = tmp_path / "run.py"
     script.write_text(
         "import runpy, sys\n"
-        f"sys.argv = ['uflow_exp', 'dataset=folder', 'logger=csv', 'hydra.run.dir={tmp_path}']\n"
+        f"sys.argv = ['uflow_exp', '{override}', 'logger=csv', 'hydra.run.dir={tmp_path}']\n"
         "try:\n"
         "    runpy.run_module('uflow_exp', run_name='__main__')\n"
         "except SystemExit as exit:\n"
@@ -400,6 +409,5 @@ def test_a_data_error_loads_neither_torch_nor_lightning(tmp_path):
         [sys.executable, str(script)], capture_output=True, text=True, cwd=REPO, timeout=120
     )
     assert "EXIT 1 False False" in result.stdout, result.stdout + result.stderr[-2000:]
-    assert (
-        "folder: dataset.root is not set. Expected layout: ROOT/<normal_dir>" in result.stdout + result.stderr
-    )
+    assert message in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr

@@ -17,10 +17,12 @@ quiet_expected_warnings()
 
 
 def checked_train(cfg: DictConfig) -> dict[str, float]:
-    """List the data set's files first, with light imports, so that a wrong root or layout fails in
-    about a second; only then load torch and Lightning and train."""
+    """Check the config's values and list the data set's files first, with light imports, so that a
+    wrong value, root or layout fails in about a second; only then load torch and Lightning and train."""
     from uflow_exp.data.layouts import preflight
+    from uflow_exp.utils.checks import check_run_config
 
+    check_run_config(cfg)
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     for key in OmegaConf.missing_keys(cfg.dataset):  # `root: ???` not given: the layout says so
         dataset[key.removeprefix("dataset.")] = None

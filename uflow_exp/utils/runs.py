@@ -79,14 +79,15 @@ def write_metrics(metrics: Mapping[str, Any], path: Path) -> dict[str, float]:
 
 
 def _is_usage_error(error: Exception) -> bool:
-    """A wrong data root, layout, weights file, cache or checkpoint path (not a bug).
+    """A wrong config value, data root, layout, weights file, cache or checkpoint path (not a bug).
 
     The error classes of modules not loaded yet cannot have been raised: they are not imported here,
     so an early data error stays quick.
     """
     from uflow_exp.data.records import DatasetError
+    from uflow_exp.utils.checks import ConfigValueError
 
-    kinds = [DatasetError, CheckpointNotFoundError]
+    kinds = [DatasetError, CheckpointNotFoundError, ConfigValueError]
     for module, name in (
         ("uflow_exp.feature_cache", "FeatureCacheError"),
         ("uflow_exp.models.uflow.feature_extraction", "BackboneWeightsError"),

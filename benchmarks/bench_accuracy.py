@@ -44,7 +44,7 @@ COLUMNS = [
 # threshold modes of the second table: name -> overrides of `python -m uflow_exp.evaluate`
 THRESHOLDS = {
     "nfa_tree": ["threshold=nfa_tree"],  # the default
-    "nfa_tree (paper)": [
+    "nfa_tree_paper": [
         "threshold=nfa_tree",
         "threshold.clip_lower_tail=false",
         "threshold.tests_by_size=false",

@@ -71,6 +71,7 @@ def test_image_level_labels_only(tmp_path):
         "test/false_alarm_rate",
         "test/detection_precision",
         "test/detection_recall",
+        "test/threshold_level",
     }
     assert {key for key in metrics if key.startswith("test/")} == image_level
 
@@ -243,7 +244,7 @@ def test_the_default_threshold_level_is_the_largest_significance_of_the_validati
     root = fake_layouts.make_mvtec(tmp_path / "data", n_train=8, size=64)
     cfg = compose_train([*TINY, "dataset=mvtec", f"dataset.root={root}", "dataset.num_workers=0"], tmp_path)
     assert cfg.threshold.calibrate_on_normal  # the default
-    train(cfg)
+    metrics = train(cfg)
     module = UFlowModule.from_checkpoint(str(tmp_path / "checkpoints" / "last.ckpt")).eval()
     datamodule = hydra.utils.instantiate(cfg.dataset)
     datamodule.setup("fit")
@@ -252,3 +253,4 @@ def test_the_default_threshold_level_is_the_largest_significance_of_the_validati
     largest = max(float(s.max()) for s in seen)
     assert float(module.threshold.calibrated_level) == pytest.approx(largest, rel=1e-5, abs=1e-4)
     assert module.threshold.level == max(0.0, largest)
+    assert metrics["test/threshold_level"] == pytest.approx(module.threshold.level)  # the level that ran

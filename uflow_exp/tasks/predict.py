@@ -220,6 +220,12 @@ def predict(cfg: DictConfig) -> dict[str, float]:
         cfg.threshold = dict(module.hparams.threshold)  # what ran, in config_resolved.yaml
     print_config(cfg, Path(cfg.paths.output_dir) / "config_resolved.yaml")
     nfa = module.threshold.significance == "neg_log10_nfa"
+    log.info(
+        "Threshold %s: %s > %.4g",
+        type(module.threshold).__name__,
+        module.threshold.significance,
+        module.threshold.level,
+    )
     level = None if nfa else module.threshold.level  # calibrated modes: the map value the colour bar marks
     write = _Writer(output, cfg.raw_map, float(cfg.overlay_alpha), nfa, level)
     loader = DataLoader(

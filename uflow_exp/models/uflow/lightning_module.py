@@ -204,6 +204,8 @@ class UFlowModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         metrics = self.test_metrics.compute()
+        # the level the threshold segmented at (a calibrated one is known only after validation)
+        metrics["threshold_level"] = torch.tensor(self.threshold.level)
         self.test_curves = self.test_metrics.curves()  # synced: every rank calls it
         self.log_dict({f"test/{k}": v for k, v in metrics.items()}, sync_dist=False)
         self.test_metrics.reset()

@@ -204,6 +204,12 @@ def _load_module(ckpt: Path, threshold: DictConfig | None, device: torch.device)
                 "on the data set, or predict with an NFA mode at its uncalibrated level "
                 "(threshold=nfa_block, or threshold=nfa_tree threshold.calibrate_on_normal=false)"
             )
+    log.info(
+        "Threshold %s: %s > %.4g",
+        type(module.threshold).__name__,
+        module.threshold.significance,
+        module.threshold.level,
+    )
     return module
 
 
@@ -220,12 +226,6 @@ def predict(cfg: DictConfig) -> dict[str, float]:
         cfg.threshold = dict(module.hparams.threshold)  # what ran, in config_resolved.yaml
     print_config(cfg, Path(cfg.paths.output_dir) / "config_resolved.yaml")
     nfa = module.threshold.significance == "neg_log10_nfa"
-    log.info(
-        "Threshold %s: %s > %.4g",
-        type(module.threshold).__name__,
-        module.threshold.significance,
-        module.threshold.level,
-    )
     level = None if nfa else module.threshold.level  # calibrated modes: the map value the colour bar marks
     write = _Writer(output, cfg.raw_map, float(cfg.overlay_alpha), nfa, level)
     loader = DataLoader(

@@ -201,3 +201,10 @@ def test_calibrate_on_normal_refuses_without_calibration_or_normal_images():
     )
     with pytest.raises(RuntimeError, match="no normal image"):
         threshold.calibrate()
+
+
+@pytest.mark.parametrize("mode", [NFATreeThreshold, NFABlockThreshold])
+def test_uncalibrated_nfa_modes_keep_the_state_dict_of_older_checkpoints(mode):
+    assert mode().state_dict() == {}  # checkpoints written before calibrate_on_normal load strictly
+    mode().load_state_dict({})
+    assert list(mode(calibrate_on_normal=True).state_dict()) == ["calibrated_level"]

@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SIZE = 448  # anomalib's Uflow resizes every image to 448 px, whatever it is given
 PEERS = ROOT / ".venv-peers"
 PEER_PYTHON = PEERS / "bin" / "python"
 PEER_PACKAGES = ["torch==2.14.1", "torchvision==0.29.1", "anomalib==2.7.*"]
@@ -47,12 +48,12 @@ def measured(command: list[str]) -> tuple[str, float]:
     """Runs ``command``; returns its stdout and the peak RSS (MB) of its process tree."""
     with tempfile.TemporaryFile("w+") as out:
         process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.DEVNULL)
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
+        _, status, usage = os.wait4(process.pid, 0)  # the child's own usage, which Popen.wait drops
         out.seek(0)
         text = out.read()
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed with exit code {process.returncode}:\n{text[-3000:]}")
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise RuntimeError(f"{' '.join(command)} failed with exit code {code}:\n{text[-3000:]}")
     return text, usage.ru_maxrss / 1024
 
 
@@ -83,7 +84,7 @@ def run_ours(category_dir: Path, args) -> dict:
     command = [
         sys.executable, "-m", "uflow_exp",
         "dataset=mvtec", f"dataset.root={category_dir.parent}", f"dataset.category={category_dir.name}",
-        "backbone=resnet18", "backbone.pretrained=false", f"backbone.input_size={args.size}",
+        "backbone=resnet18", "backbone.pretrained=false", f"backbone.input_size={SIZE}",
         f"dataset.batch_size={args.batch}", f"trainer.max_epochs={args.epochs}",
         f"trainer.limit_train_batches={args.batches}", "logger=csv",
         f"paths.log_dir={args.work}", f"hydra.run.dir={out}",
@@ -121,9 +122,8 @@ def table(peer: dict, ours: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument(
-        "--data", type=Path, help="an MVTec-layout category folder (default: brick at --size)"
+        "--data", type=Path, help="an MVTec-layout category folder (default: brick at 448 px)"
     )
-    parser.add_argument("--size", type=int, default=448, help="input size (anomalib's Uflow fixes 448)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batches", type=int, default=24, help="training batches per epoch")
@@ -131,8 +131,8 @@ def main() -> None:
     ensure_peers()
     with tempfile.TemporaryDirectory(prefix="bench-peers-") as tmp:
         args.work = Path(tmp)
-        category_dir = args.data or make_textures(args.work / "data", args.size, args.batch * args.batches)
-        print(f"data: {category_dir}; resnet18 @ {args.size}, batch {args.batch}, "
+        category_dir = args.data or make_textures(args.work / "data", SIZE, args.batch * args.batches)
+        print(f"data: {category_dir}; resnet18 @ {SIZE}, batch {args.batch}, "
               f"{args.epochs} epochs of {args.batches} batches", flush=True)  # fmt: skip
         peer = run_peer(category_dir, args)
         print(f"anomalib: {peer}", flush=True)

@@ -2,11 +2,12 @@
 peers' virtual environment (anomalib installed, this project not). Prints one JSON line.
 
 Called by ``benchmarks/bench_peers.py``; by hand:
-.venv-peers/bin/python benchmarks/peer_anomalib.py ROOT CATEGORY --size 448 --batch 8 --epochs 5 --batches 24
+.venv-peers/bin/python benchmarks/peer_anomalib.py ROOT CATEGORY --batch 8 --epochs 5 --batches 24
 
 Uses anomalib's public API (``anomalib.data.MVTecAD``, ``anomalib.models.Uflow``,
-``anomalib.engine.Engine``). Its resnet18 loads ImageNet weights from the hub, unreachable here, so
-``--random-weights`` (the default) makes timm build it with random ones: the arithmetic is the same.
+``anomalib.engine.Engine``; its Uflow resizes every image to 448 px). Its resnet18 loads ImageNet
+weights from the hub, unreachable here, so unless ``--pretrained`` is given timm builds it with random
+ones: the arithmetic is the same.
 """
 
 from __future__ import annotations

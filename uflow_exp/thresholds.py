@@ -83,11 +83,14 @@ class _NFAThreshold(Threshold):
         self.log_nfa_threshold = log_nfa_threshold
         self.scales = scales
         self.calibrate_on_normal = calibrate_on_normal
-        self.needs_calibration = calibrate_on_normal
         # the largest significance of a normal validation image; NaN until calibrated. In checkpoints
         # only when used, so that those of uncalibrated NFA modes (all, before the option) still load.
         self.register_buffer("calibrated_level", torch.tensor(float("nan")), persistent=calibrate_on_normal)
         self._normal_max = MaxMetric(nan_strategy="error")  # synced over processes under DDP
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.calibrate_on_normal
 
     @property
     def level(self) -> float:

@@ -8,7 +8,9 @@ Both tools train on the same images with the same configuration, one after the o
 own process: anomalib's default Uflow (resnet18 at 448 px, 4 flow steps, batch 8; random weights, as
 the hub is unreachable) against `python -m uflow_exp backbone=resnet18 backbone.pretrained=false
 backbone.input_size=448 ...`. Data: the embedded brick texture generated at 448 px (MVTec layout), or
-any MVTec-layout category folder given with `--data`.
+any MVTec-layout category folder given with `--data`. There is no EfficientNet-Lite0 case: anomalib's
+Uflow builds its extractor only for `mcait`, `resnet18` and `wide_resnet50_2` (any other `backbone`
+is refused by its `get_feature_extractor`), so its public API cannot take Lite0's weights.
 
 Columns: train images/s of the training loop (data loading and steps, no validation;
 `uflow_exp.callbacks.TrainLoopTimer` times both), fit wall time (ours includes filling the feature

@@ -71,6 +71,20 @@ def test_onnx_map_matches_torch_for_any_batch_size(checkpoint, tmp_path):
 
 
 @needs_onnx
+def test_positional_conditions_are_part_of_the_graph(checkpoint, tmp_path):
+    # flow.position_channels: the encoding is a buffer, not a graph input; it must follow the batch
+    root = checkpoint.parents[2] / "data"
+    overrides = [*TINY, "dataset=mvtec", f"dataset.root={root}", "test=false", "flow.position_channels=4"]
+    train(compose_train(overrides, tmp_path / "run"))
+    module = UFlowModule.from_checkpoint(str(tmp_path / "run" / "checkpoints" / "last.ckpt"))
+    assert module.model.position_0.shape[0] == 4
+    path = export_onnx(module, tmp_path / "model.onnx")
+    for batch_size in (2, 3):
+        expected, got = _torch_and_onnx_maps(module, path, batch_size)
+        assert np.abs(got - expected).max() < 1e-4 and expected.std() > 0
+
+
+@needs_onnx
 def test_evaluate_with_onnxruntime_gives_the_torch_metrics(checkpoint, tmp_path, monkeypatch):
     from uflow_exp import onnx_runner
     from uflow_exp.tasks.evaluate import evaluate

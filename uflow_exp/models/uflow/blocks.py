@@ -104,7 +104,7 @@ class FastAllInOneBlock(fm.AllInOneBlock):
     """``AllInOneBlock`` with the same parameters and results, faster for hard permutations.
 
     Configurations the fast path does not cover (soft permutations, i.e. any ``w_perm`` that is not a
-    permutation matrix, GIN, Householder, reverse permutation, conditions) run FrEIA's code.
+    permutation matrix, GIN, Householder, reverse permutation) run FrEIA's code.
     ``compile_coupling`` runs the forward coupling's element-wise work through ``torch.compile``.
     """
 
@@ -114,7 +114,7 @@ class FastAllInOneBlock(fm.AllInOneBlock):
         if kwargs.get("global_affine_type", "SOFTPLUS") == "SOFTPLUS":
             # FrEIA's activation is a lambda, which cannot be pickled; the same function as a method can.
             self.global_scale_activation = self._softplus_scale
-        self._fast = not (self.GIN or self.householder or self.reverse_pre_permute or self.conditional)
+        self._fast = not (self.GIN or self.householder or self.reverse_pre_permute)
         self._gather_cache: dict[str, tuple] = {}
 
     def _softplus_scale(self, a: torch.Tensor) -> torch.Tensor:
@@ -147,7 +147,7 @@ class FastAllInOneBlock(fm.AllInOneBlock):
         if rev:
             x = (_ChannelGather.apply(x, index, inverse) - self.global_offset) / scale
         x1, x2 = torch.split(x, self.splits, dim=1)
-        a = self.subnet(x1)
+        a = self.subnet(torch.cat([x1, *c], 1) if self.conditional else x1)
         if rev:
             a = a * 0.1
             sub_jac = self.clamp * torch.tanh(a[:, : self.splits[1]])

@@ -31,13 +31,14 @@ def subnet_factory(kernel_size: int, channels_ratio: float):
     return build
 
 
-def _flow_stage(node, steps: int, block_args: dict, channels_ratio: float, fast: bool):
+def _flow_stage(node, steps: int, block_args: dict, channels_ratio: float, fast: bool, condition=None):
     stage = []
     for step in range(steps):
         node = ff.Node(
             node,
             FastAllInOneBlock if fast else fm.AllInOneBlock,
             {"subnet_constructor": subnet_factory(3 if step % 2 == 0 else 1, channels_ratio), **block_args},
+            conditions=None if condition is None else [condition],
             name=f"flow{node.output_dims[0][-1]}_step{step}",
         )
         stage.append(node)
@@ -53,12 +54,17 @@ def build_uflow_graph(
     permute_soft: bool = False,
     fast: bool = True,
     compile_coupling: bool = False,
+    position_channels: int = 0,
 ) -> ff.GraphINN:
     """The U-flow over per-scale inputs ``(channels[i], sizes[i], sizes[i])``, finest first.
 
     The graph returns one latent per scale, finest first. ``fast`` builds it from ``FastAllInOneBlock``
     (same parameters and results, faster), whose coupling ``compile_coupling`` runs through
     ``torch.compile``; ``fast=False`` from FrEIA's own blocks, the reference.
+
+    ``position_channels`` > 0 makes every coupling subnet of scale ``i`` also see a condition of that
+    many channels at the scale's size (``UFlow`` passes a positional encoding, finest scale first);
+    0 is the reference graph, which takes no conditions.
     """
     if flow_steps < 1:
         raise ValueError(f"flow_steps must be >= 1, got {flow_steps}")
@@ -70,10 +76,15 @@ def build_uflow_graph(
     inputs = [
         ff.InputNode(c, s, s, name=f"input_{i}") for i, (c, s) in enumerate(zip(channels, sizes, strict=True))
     ]
+    conditions = (
+        [ff.ConditionNode(position_channels, s, s, name=f"position_{i}") for i, s in enumerate(sizes)]
+        if position_channels
+        else [None] * len(sizes)
+    )
     nodes, outputs = [], []
     current = inputs[-1]
     for scale in range(len(inputs) - 1, 0, -1):
-        stage = _flow_stage(current, flow_steps, block_args, subnet_channels_ratio, fast)
+        stage = _flow_stage(current, flow_steps, block_args, subnet_channels_ratio, fast, conditions[scale])
         volume = stage[-1].output_dims[0][0]
         kept = volume // 8 * 4
         split = ff.Node(
@@ -83,7 +94,8 @@ def build_uflow_graph(
         current = ff.Node([inputs[scale - 1].out0, up.out0], fm.Concat, {"dim": 0}, name=f"cat_{scale}")
         outputs.append(ff.OutputNode(split.out1, name=f"z_{scale}"))
         nodes += [*stage, split, up, current]
-    stage = _flow_stage(current, flow_steps, block_args, subnet_channels_ratio, fast)
+    stage = _flow_stage(current, flow_steps, block_args, subnet_channels_ratio, fast, conditions[0])
     outputs.append(ff.OutputNode(stage[-1], name="z_0"))
     nodes += stage
-    return ff.GraphINN(inputs + nodes + outputs[::-1], force_tuple_output=True)
+    condition_nodes = [c for c in conditions if c is not None]
+    return ff.GraphINN(inputs + condition_nodes + nodes + outputs[::-1], force_tuple_output=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -18,6 +19,20 @@ log = logging.getLogger(__name__)
 # Prefixes of the authors' checkpoints that belong to the model; everything else in their
 # Lightning checkpoints (metric states such as aupro / f1 / mcc buffers, loss weights) is dropped.
 MODEL_PREFIXES = ("feature_extractor.", "flow.")
+
+
+def position_encoding(channels: int, size: int) -> torch.Tensor:
+    """``(channels, size, size)`` sinusoids of each pixel's relative position: for the row and the
+    column coordinate ``u = (i + 0.5) / size`` in (0, 1), ``sin`` and ``cos`` of ``pi 2^k u`` for
+    ``k < channels / 4``. Relative rather than in pixels, so every scale codes the same place alike."""
+    if channels <= 0 or channels % 4:
+        raise ValueError(f"position_channels must be a positive multiple of 4, got {channels}")
+    u = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    angles = u[:, None] * (math.pi * 2.0 ** torch.arange(channels // 4, dtype=torch.float32))
+    axis = torch.cat([angles.sin(), angles.cos()], dim=1).T  # (channels / 2, size)
+    rows = axis[:, :, None].expand(-1, size, size)
+    columns = axis[:, None, :].expand(-1, size, size)
+    return torch.cat([rows, columns], dim=0).contiguous()
 
 
 class UFlow(nn.Module):
@@ -44,6 +59,9 @@ class UFlow(nn.Module):
         train_norm_affine: train the per-scale ``LayerNorm`` affine parameters (the reference) or keep
             them at identity. They sit outside the flow, so the likelihood never pays for them.
         map_blur_sigma: Gaussian smoothing of the anomaly map, in pixels of the map (0: the reference).
+        position_channels: condition every coupling on a positional encoding of that many channels
+            (a multiple of 4; see ``position_encoding``), so the density may depend on where in the
+            image a feature is, as in CFlow-AD; 0 is the reference, a position-free density.
     """
 
     def __init__(
@@ -62,6 +80,7 @@ class UFlow(nn.Module):
         feature_noise: float = 0.0,
         train_norm_affine: bool = True,
         map_blur_sigma: float = 0.0,
+        position_channels: int = 0,
     ):
         super().__init__()
         if feature_noise < 0:
@@ -81,7 +100,15 @@ class UFlow(nn.Module):
             permute_soft=permute_soft,
             fast=fast_flow,
             compile_coupling=compile_coupling,
+            position_channels=position_channels,
         )
+        # not saved: a function of the configuration, so checkpoints keep the reference's keys
+        self._positions: list[str] = []
+        for i, size in enumerate(self.feature_extractor.feature_sizes if position_channels else []):
+            self.register_buffer(
+                f"position_{i}", position_encoding(position_channels, size), persistent=False
+            )
+            self._positions.append(f"position_{i}")
 
     @classmethod
     def from_config(cls, backbone: Mapping, flow: Mapping, **overrides) -> UFlow:
@@ -128,7 +155,9 @@ class UFlow(nn.Module):
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Latents (finest scale first) and the log-Jacobian determinant per sample (zeros when
         ``jac`` is False: anomaly maps and the NFA need only the latents)."""
-        z, log_jac_det = self.flow(list(features), rev=False, jac=jac)
+        batch = features[0].shape[0]
+        conditions = [getattr(self, name).expand(batch, -1, -1, -1) for name in self._positions]
+        z, log_jac_det = self.flow(list(features), c=conditions, rev=False, jac=jac)
         return list(z), log_jac_det
 
     def anomaly_map(self, z: Sequence[torch.Tensor], size: int | None = None) -> torch.Tensor:

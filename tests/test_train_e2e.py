@@ -208,7 +208,8 @@ def test_evaluate_takes_a_checkpoint_of_the_authors_release(tmp_path):
     # the threshold the authors' checkpoints are evaluated with: their tree NFA, none of our corrections
     reference = ["threshold=nfa_tree", "threshold.clip_lower_tail=false", "threshold.tests_by_size=false"]
     reference.append("threshold.calibrate_on_normal=false")
-    trained = train(compose_train([*TINY, *data, *reference], tmp_path / "run"))
+    # the authors' release holds their flow: no positional conditions
+    trained = train(compose_train([*TINY, *data, *reference, "flow=reference"], tmp_path / "run"))
     ours = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     # Their layout: a Lightning module holding the model as `model`, metric buffers beside it, and
     # hyper-parameters pickled as Python objects.

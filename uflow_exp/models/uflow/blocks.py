@@ -10,11 +10,13 @@ with ``torch.compile``.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import FrEIA.modules as fm
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +139,26 @@ class FastAllInOneBlock(fm.AllInOneBlock):
             self._gather_cache[name] = cached
         return cached[1]
 
+    def _subnet(self, x1: torch.Tensor, c) -> torch.Tensor:
+        """The subnet on ``x1`` and the conditions. A condition that is the same for every sample (the
+        positional encoding: expanded, batch stride 0) passes the first convolution once, on one
+        sample, and is broadcast over the batch: the same sum, without the batch-fold work (and no
+        input gradient) for its channels. Written here because a coupling subnet sees the condition
+        only as extra input channels."""
+        if not self.conditional:
+            return self.subnet(x1)
+        first = self.subnet[0] if isinstance(self.subnet, nn.Sequential) else None
+        shared = all(t.shape[0] == 1 or t.stride(0) == 0 for t in c)
+        if not (shared and isinstance(first, nn.Conv2d) and first.padding_mode == "zeros"):
+            return self.subnet(torch.cat([x1, *c], 1))
+        split = x1.shape[1]
+        conv = functools.partial(
+            F.conv2d, stride=first.stride, padding=first.padding, dilation=first.dilation, groups=first.groups
+        )
+        h = conv(x1, first.weight[:, :split], first.bias)
+        h = h + conv(torch.cat([t[:1] for t in c], 1), first.weight[:, split:])
+        return self.subnet[1:](h)
+
     def forward(self, x, c=None, rev=False, jac=True):
         indices = self._gather_indices("w_perm_inv" if rev else "w_perm") if self._fast else None
         if indices is None:
@@ -147,7 +169,7 @@ class FastAllInOneBlock(fm.AllInOneBlock):
         if rev:
             x = (_ChannelGather.apply(x, index, inverse) - self.global_offset) / scale
         x1, x2 = torch.split(x, self.splits, dim=1)
-        a = self.subnet(torch.cat([x1, *c], 1) if self.conditional else x1)
+        a = self._subnet(x1, c)
         if rev:
             a = a * 0.1
             sub_jac = self.clamp * torch.tanh(a[:, : self.splits[1]])

@@ -1,8 +1,9 @@
 """Accuracy of the default recipe on real and embedded data: one table, one training run per case.
 
-Run: .venv/bin/python benchmarks/bench_accuracy.py [--cases lgg brick ...] [-- extra overrides]
-(`make bench-accuracy`). Each case is the command a user types (`python -m uflow_exp dataset=...`),
-run in its own process with `logger=csv`; the row is read from that run's `metrics.json`. Cases:
+Run: .venv/bin/python benchmarks/bench_accuracy.py [--cases lgg brick ...] [--keep DIR]
+[-- extra overrides] (`make bench-accuracy`). Each case is the command a user types
+(`python -m uflow_exp dataset=...`), run in its own process with `logger=csv`; the row is read from
+that run's `metrics.json`. Cases:
 
 - `lgg`: ../shared/data/lgg_mri_dev (20 LGG MRI patients, split by patient: 16 train / 4 test).
 - `brick`, `grass`, `gravel`: the embedded textures.
@@ -12,12 +13,16 @@ A second table re-thresholds each case's best checkpoint with every threshold mo
 operating point of each: mIoU at the threshold beside the oracle, the mIoU of anomalous images alone,
 the share of normal test images with any detection (false alarms) and of anomalous ones (recall).
 
+`--keep DIR` keeps each case's runs (test panels, checkpoints) in DIR/<case>/: look at the maps
+before believing a row.
+
 These are development numbers: the recipe was chosen on them, so they are not held-out results.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -87,6 +92,17 @@ def best_checkpoint(run_dir: Path) -> Path:
     return best
 
 
+@contextlib.contextmanager
+def run_folder(keep: Path | None, case: str):
+    """Where a case's runs go: ``keep / case`` (left in place) or a temporary folder."""
+    if keep is None:
+        with tempfile.TemporaryDirectory(prefix=f"bench-accuracy-{case}-") as tmp:
+            yield tmp
+    else:
+        (keep / case).mkdir(parents=True, exist_ok=True)
+        yield str(keep / case)
+
+
 def row(name: str, metrics: dict[str, float | None], columns=COLUMNS) -> str:
     cells = [name]
     for _, key, fmt in columns:
@@ -99,6 +115,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--thresholds", nargs="*", default=list(THRESHOLDS), choices=list(THRESHOLDS))
+    parser.add_argument(
+        "--keep", type=Path, help="keep each case's runs (test panels, checkpoints) in KEEP/<case>/"
+    )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every case (after --)")
     args = parser.parse_args()
     lines = [
@@ -111,7 +130,7 @@ def main() -> None:
     ]
     print(f"overrides: {' '.join(args.overrides) or '(none: the default recipe)'}", flush=True)
     for case in args.cases:
-        with tempfile.TemporaryDirectory(prefix=f"bench-accuracy-{case}-") as tmp:
+        with run_folder(args.keep, case) as tmp:
             overrides = CASES[case] + args.overrides
             lines.append(row(case, run_cli("uflow_exp", overrides, Path(tmp), "run")))
             print(lines[-1], flush=True)

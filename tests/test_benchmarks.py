@@ -59,9 +59,9 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert "CUDA device" not in out
 
 
-def test_accuracy_benchmark_prints_a_row_per_case_and_threshold():
+def test_accuracy_benchmark_prints_a_row_per_case_and_threshold(tmp_path):
     out = run(
-        sys.executable, "benchmarks/bench_accuracy.py", "--cases", "brick",
+        sys.executable, "benchmarks/bench_accuracy.py", "--cases", "brick", "--keep", str(tmp_path),
         "--thresholds", "nfa_tree", "nfa_block",
         "--", "trainer.max_epochs=1", "dataset.n_train=6", "dataset.n_test_good=2", "dataset.n_test_defect=2",
         "backbone.input_size=96", "model.eval_size=64", "dataset.generated_size=64",
@@ -75,3 +75,6 @@ def test_accuracy_benchmark_prints_a_row_per_case_and_threshold():
     # re-thresholding the trained model gives what training tested with (the default threshold)
     assert tree[0][2:4] == [rows[0][4], rows[0][5]]  # mIoU and oracle mIoU
     assert block[0][3] == rows[0][5]  # the oracle does not depend on the threshold
+    # --keep: the runs stay, with the test panels to look at
+    assert len(list((tmp_path / "brick" / "run" / "test_images").glob("*.png"))) >= 4
+    assert {p.name for p in (tmp_path / "brick").iterdir()} == {"run", "nfa_tree", "nfa_block"}

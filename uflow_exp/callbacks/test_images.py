@@ -14,7 +14,10 @@ def render_panel(image, mask, amap, segmentation, title: str, path: Path) -> Non
     # A bare Figure (no pyplot): rendering must not switch the backend of a notebook or GUI session.
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(13, 3.4), layout="constrained")
+    # Fixed margins: constrained layout took over 40 % of each panel's rendering time (a test of 30
+    # images spent more time drawing 9 figures than running the model).
+    fig = Figure(figsize=(13, 3.4))
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.84, wspace=0.2)
     axes = fig.subplots(1, 4)
     panels = [
         (image.permute(1, 2, 0).numpy(), "image", {}),

@@ -11,6 +11,7 @@ with ``torch.compile``.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 
 import FrEIA.modules as fm
@@ -149,15 +150,18 @@ class FastAllInOneBlock(fm.AllInOneBlock):
             return self.subnet(x1)
         first = self.subnet[0] if isinstance(self.subnet, nn.Sequential) else None
         shared = all(t.shape[0] == 1 or t.stride(0) == 0 for t in c)
-        if not (shared and isinstance(first, nn.Conv2d) and first.padding_mode == "zeros"):
+        plain_conv = isinstance(first, nn.Conv2d) and first.groups == 1 and first.padding_mode == "zeros"
+        if not (shared and plain_conv):
             return self.subnet(torch.cat([x1, *c], 1))
         split = x1.shape[1]
         conv = functools.partial(
-            F.conv2d, stride=first.stride, padding=first.padding, dilation=first.dilation, groups=first.groups
+            F.conv2d, stride=first.stride, padding=first.padding, dilation=first.dilation
         )
         h = conv(x1, first.weight[:, :split], first.bias)
         h = h + conv(torch.cat([t[:1] for t in c], 1), first.weight[:, split:])
-        return self.subnet[1:](h)
+        for layer in itertools.islice(self.subnet, 1, None):  # slicing a Sequential builds a new module
+            h = layer(h)
+        return h
 
     def forward(self, x, c=None, rev=False, jac=True):
         indices = self._gather_indices("w_perm_inv" if rev else "w_perm") if self._fast else None

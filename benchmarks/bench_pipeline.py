@@ -13,6 +13,8 @@ arithmetic unchanged):
 - inference images/s (inference mode, no log-det): the anomaly map only, with our flow and with the
   reference flow; and the map plus the tree NFA segmentation. The backbone's time, the same for all
   three, is measured once and added to each variant's median;
+- backbone images/s (timm CNNs): the channels-last layout the extractor runs in against the same
+  weights in plain NCHW layout, interleaved;
 - peak resident memory of the case's process (each case runs in a process of its own), and on CUDA
   the peak allocated device memory;
 - with ``--bf16``: inference under bfloat16 autocast, and the largest difference of its anomaly maps
@@ -25,6 +27,7 @@ thread by default (see bench_flow.py for why).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -38,6 +41,7 @@ from timing import interleaved_medians, seconds
 
 from uflow_exp.feature_cache import DiskStore, FeatureCache, MemoryStore
 from uflow_exp.models.uflow import UFlow, build_uflow_graph, nll_loss
+from uflow_exp.models.uflow.feature_extraction import TimmFeatureExtractor
 from uflow_exp.nfa import tree_nfa
 
 CASES = ["efficientnet_lite0@256", "resnet18@256", "wide_resnet50_2@256", "mcait@448"]
@@ -153,6 +157,21 @@ def bf16_inference(model: UFlow, x: torch.Tensor, batch: int, raw, device: torch
     return {"infer_map_bf16": len(x) / (backbone_s + flow_s), "bf16_map_diff": difference}
 
 
+def backbone_layouts(extractor, x: torch.Tensor, batch: int, device: torch.device, repeats: int) -> dict:
+    """Images/s of the CNN backbone as the extractor runs it (channels-last) and in plain NCHW layout,
+    same weights, interleaved."""
+    plain = copy.deepcopy(extractor.extractor).to(memory_format=torch.contiguous_format)
+    normalized = (x - extractor.pixel_mean) / extractor.pixel_std
+
+    def run_plain():
+        with torch.inference_mode():
+            return [plain(normalized[rows.start : rows.stop]) for rows in batches(len(x), batch)]
+
+    calls = {"channels_last": lambda: extract(extractor, x, batch), "nchw": run_plain}
+    medians, _ = interleaved_medians(calls, repeats, device)
+    return {f"backbone_{name}": len(x) / median for name, median in medians.items()}
+
+
 def run_case(case: str, n: int, batch: int, device: torch.device, repeats: int, bf16: bool) -> dict:
     backbone, size = case.split("@")
     size = int(size)
@@ -183,6 +202,9 @@ def run_case(case: str, n: int, batch: int, device: torch.device, repeats: int, 
         steps[name] = step
     medians, _ = interleaved_medians(steps, repeats, device)
     result.update(flow_reference=batch / medians["reference"], flow_ours=batch / medians["ours"])
+
+    if isinstance(extractor, TimmFeatureExtractor):
+        result.update(backbone_layouts(extractor, x, batch, device, repeats))
 
     # inference = backbone + flow and map (+ NFA): the backbone, common to all variants, timed once,
     # then the variants on its features, interleaved
@@ -332,7 +354,7 @@ def print_case_table(results: list[dict]) -> None:
         "inference map img/s: reference flow",
     ]
     header += ["ours", "ours / reference", "onnxruntime", "onnxruntime / ours", "map + tree NFA img/s"]
-    header += ["peak RSS MB"]
+    header += ["backbone img/s: NCHW", "channels-last", "channels-last / NCHW", "peak RSS MB"]
     rows = [
         [
             r["case"],
@@ -349,6 +371,12 @@ def print_case_table(results: list[dict]) -> None:
             f"{r['infer_onnx']:.2f}" if "infer_onnx" in r else "-",
             f"{r['infer_onnx'] / r['infer_map']:.2f}x" if "infer_onnx" in r else "-",
             f"{r['infer_nfa']:.2f}",
+            *(
+                [f"{r['backbone_nchw']:.2f}", f"{r['backbone_channels_last']:.2f}"]
+                + [f"{r['backbone_channels_last'] / r['backbone_nchw']:.2f}x"]
+                if "backbone_nchw" in r
+                else ["-"] * 3
+            ),
             f"{r['peak_rss_mb']:.0f}",
         ]
         for r in results

@@ -1,5 +1,7 @@
 """The model core against the authors' reference numerics, and its construction contract."""
 
+import copy
+
 import huggingface_hub.constants
 import pytest
 import skimage.data
@@ -101,6 +103,25 @@ def test_mcait_latent_shapes():
         assert [tuple(t.shape) for t in raw] == [(1, 784, 768), (1, 196, 384)]
         z, _ = model.encode(model.normalize(raw))
     assert [tuple(t.shape) for t in z] == [(1, 816, 28, 28), (1, 192, 14, 14)]
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_lite0"])
+def test_channels_last_backbone_gives_the_plain_layouts_features_contiguous(backbone):
+    """The CNN runs channels-last for speed; its features are the plain NCHW model's up to float32
+    summation order, and reach the flow and the feature cache contiguous."""
+    torch.manual_seed(0)
+    extractor = build_feature_extractor(backbone, 64, pretrained=False, layers=[1, 2, 3]).eval()
+    kernels = [p for p in extractor.extractor.parameters() if p.dim() == 4]
+    assert all(k.is_contiguous(memory_format=torch.channels_last) for k in kernels)
+    plain = copy.deepcopy(extractor.extractor).to(memory_format=torch.contiguous_format)
+    assert all(p.is_contiguous() for p in plain.parameters())
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        features = extractor.extract(images)
+        expected = plain((images - extractor.pixel_mean) / extractor.pixel_std)
+    for got, want in zip(features, expected, strict=True):
+        assert got.is_contiguous()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
 
 def test_mcait_refuses_other_input_sizes():

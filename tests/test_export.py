@@ -109,7 +109,8 @@ def test_evaluate_with_onnxruntime_gives_the_torch_metrics(checkpoint, tmp_path,
     assert sum(runs) == 4  # the onnxruntime evaluation ran the graph on the 4 test images
     assert "test/pixel_auroc" in results["torch"] and "test/miou" in results["torch"]
     for key, value in results["torch"].items():
-        assert results["onnxruntime"][key] == pytest.approx(value, abs=1e-3, nan_ok=True), key
+        if key.startswith("test/"):  # not time/test_images_per_s
+            assert results["onnxruntime"][key] == pytest.approx(value, abs=1e-3, nan_ok=True), key
 
 
 @needs_onnx

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import time
 from pathlib import Path
 
 import hydra
@@ -74,8 +75,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if override is not None and model.threshold.needs_calibration:
         log.info("Calibrating threshold %s on the validation split", cfg.threshold["_target_"])
         trainer.validate(model, datamodule=datamodule)
+    start = time.perf_counter()
     trainer.test(model, datamodule=datamodule)
+    seconds = time.perf_counter() - start  # decoding, model (torch or onnxruntime), threshold, metrics
     metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    metrics["time/test_images_per_s"] = len(datamodule.test_dataset) / seconds
     if trainer.is_global_zero:
         metrics = write_metrics(metrics, output_dir / "metrics.json")
         log.info("Metrics: %s", metrics)

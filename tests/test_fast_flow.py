@@ -159,6 +159,19 @@ def test_new_permutation_is_picked_up():
         assert rel_err(fast(x)[0][0], reference(x)[0][0]) < 1e-6
 
 
+def test_trains_after_a_first_call_in_inference_mode():
+    """Predicting or testing first (inference mode) must not leave inference tensors in the gather
+    cache that a later training step or ONNX trace would have to save for backward."""
+    flow = build_uflow_graph([8, 16], [16, 8], fast=True)
+    x = [torch.randn(2, 8, 16, 16), torch.randn(2, 16, 8, 8)]
+    with torch.inference_mode():
+        first, _ = flow(x)
+    z, log_jac_det = flow(x)
+    nll_loss(z, log_jac_det).backward()
+    assert all(p.grad is not None for p in flow.parameters() if p.requires_grad)
+    assert all(torch.equal(a, b) for a, b in zip(first, z, strict=True))
+
+
 def test_soft_permutation_runs_freias_code():
     reference, fast = single_blocks(permute_soft=True)
     x = (torch.randn(2, 12, 6, 6),)

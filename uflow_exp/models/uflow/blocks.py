@@ -135,8 +135,11 @@ class FastAllInOneBlock(fm.AllInOneBlock):
         key = (w._version, w.device)
         cached = self._gather_cache.get(name)
         if cached is None or cached[0] != key:
-            index = _permutation_index(w)
-            cached = (key, None if index is None else (index, torch.argsort(index)))
+            # Built outside inference mode even when first called in it (predict, test): an inference
+            # tensor kept here would break a later autograd-tracked call (training, ONNX tracing).
+            with torch.inference_mode(False):
+                index = _permutation_index(w)
+                cached = (key, None if index is None else (index, torch.argsort(index)))
             self._gather_cache[name] = cached
         return cached[1]
 

@@ -21,6 +21,12 @@ last column tests our best checkpoint again the production way, exported to ONNX
 onnxruntime (`python -m uflow_exp.evaluate backend=onnxruntime`, its own process: its peak RSS is the
 test's alone). `--test-images` sets the size of the generated test set: anomalib's metrics keep every
 test pixel, ours are binned. Only ratios from one run mean anything on a shared machine.
+
+A second table gives floors, measured on our trained model alone in processes of their own (random
+images, no data loading, no framework, no threshold, no metrics): the peak RSS of `import torch`
+and of three training steps at the run's batch (backbone without gradient, flow with it, Adam), and
+the images/s of the anomaly map at that batch with torch and with onnxruntime. A ratio target past
+its floor cannot be met by any change outside the model's own arithmetic.
 """
 
 from __future__ import annotations
@@ -134,6 +140,87 @@ def run_ours_onnxruntime(category_dir: Path, args) -> dict:
     }
 
 
+def floor_child(kind: str, checkpoint: Path, batch: int) -> None:
+    """One floor (see the module docstring), printed as JSON; runs in a process of its own."""
+    if kind == "import":
+        import torch  # noqa: F401
+
+        print(json.dumps({}))
+        return
+    import torch
+
+    from uflow_exp.models.uflow.lightning_module import UFlowModule
+    from uflow_exp.models.uflow.loss import nll_loss
+
+    model = UFlowModule.from_checkpoint(str(checkpoint)).model
+    model.train(kind == "train")  # as Lightning sets it: training adds the feature noise, tests do not
+    images = torch.rand(
+        batch, 3, model.input_size, model.input_size, generator=torch.Generator().manual_seed(0)
+    )
+    if kind == "train":
+        optimizer = torch.optim.Adam(model.flow.parameters(), lr=1e-4)
+        for _ in range(3):
+            with torch.no_grad():
+                features = model.normalize(model.extract(images))
+            loss = nll_loss(*model.encode(features))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        print(json.dumps({}))
+        return
+    import onnxruntime as ort
+    from timing import seconds
+
+    from uflow_exp.tasks.export import INPUT_NAME, OUTPUT_NAME
+
+    session = ort.InferenceSession(str(checkpoint.with_suffix(".onnx")), providers=["CPUExecutionProvider"])
+
+    def torch_map():
+        with torch.inference_mode():
+            model.anomaly_map(model.encode(model.normalize(model.extract(images)), jac=False)[0])
+
+    def onnx_map():
+        session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})
+
+    rates = {}
+    for name, run in (("map_images_per_s", torch_map), ("onnx_map_images_per_s", onnx_map)):
+        run()  # warm-up: allocator, oneDNN primitives
+        rates[name] = batch / min(seconds(run, torch.device("cpu")) for _ in range(5))
+    print(json.dumps(rates))
+
+
+def run_floors(args) -> dict:
+    """The floors of the module docstring, each in its own process, on our best checkpoint."""
+    checkpoint = next((args.work / "ours" / "checkpoints").glob("epoch_*.ckpt"))
+    child = [sys.executable, __file__, f"--floor-ckpt={checkpoint}", f"--batch={args.batch}", "--floor"]
+    floors = {}
+    for kind in ("import", "train", "map"):
+        text, rss = measured([*child, kind])
+        floors |= json.loads(text.strip().splitlines()[-1]) | {f"{kind}_peak_rss_mb": rss}
+    return floors
+
+
+def floor_table(peer: dict, ours: dict, onnx: dict, floors: dict) -> str:
+    rows = [
+        ("peak RSS MB: `import torch`", floors["import_peak_rss_mb"], peer["peak_rss_mb"],
+         ours["peak_rss_mb"]),
+        (f"peak RSS MB: 3 training steps at batch {floors['batch']}", floors["train_peak_rss_mb"],
+         peer["peak_rss_mb"], ours["peak_rss_mb"]),
+        (f"map images/s at batch {floors['batch']}, torch", floors["map_images_per_s"],
+         peer["test_images_per_s"], ours["test_images_per_s"]),
+        (f"map images/s at batch {floors['batch']}, onnxruntime", floors["onnx_map_images_per_s"],
+         peer["test_images_per_s"], onnx["test_images_per_s"]),
+    ]  # fmt: skip
+    lines = [
+        "| floor: our model alone | value | / anomalib's whole run | / ours, whole run (test: same "
+        "backend) |",
+        "|---|---|---|---|",
+    ]
+    for name, value, theirs, whole in rows:
+        lines.append(f"| {name} | {value:.2f} | {value / theirs:.2f}x | {value / whole:.2f}x |")
+    return "\n".join(lines)
+
+
 def table(peer: dict, ours: dict, onnx: dict) -> str:
     rows = [
         ("train images/s (training loop)", "train_images_per_s", "{:.2f}", False),
@@ -172,7 +259,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batches", type=int, default=24, help="training batches per epoch")
     parser.add_argument("--test-images", type=int, default=30, help="generated test images (without --data)")
+    parser.add_argument("--floor", choices=["import", "train", "map"], help=argparse.SUPPRESS)
+    parser.add_argument("--floor-ckpt", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.floor:
+        floor_child(args.floor, args.floor_ckpt, args.batch)
+        return
     ensure_peers()
     with tempfile.TemporaryDirectory(prefix="bench-peers-") as tmp:
         args.work = Path(tmp)
@@ -187,7 +279,11 @@ def main() -> None:
         print(f"uflow_exp: {ours}", flush=True)
         onnx = run_ours_onnxruntime(category_dir, args)
         print(f"uflow_exp, onnxruntime test: {onnx}", flush=True)
+        floors = run_floors(args) | {"batch": args.batch}
+        print(f"floors: {floors}", flush=True)
     print(table(peer, ours, onnx))
+    print()
+    print(floor_table(peer, ours, onnx, floors))
 
 
 if __name__ == "__main__":

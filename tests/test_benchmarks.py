@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -78,3 +79,34 @@ def test_accuracy_benchmark_prints_a_row_per_case_and_threshold(tmp_path):
     # --keep: the runs stay, with the test panels to look at
     assert len(list((tmp_path / "brick" / "run" / "test_images").glob("*.png"))) >= 4
     assert {p.name for p in (tmp_path / "brick").iterdir()} == {"run", "nfa_tree", "nfa_block"}
+
+
+def test_peer_floors_measure_our_trained_model_alone(tmp_path):
+    """bench_peers' floors on a tiny checkpoint where its run leaves one (work/ours/checkpoints, the
+    ONNX export beside it); anomalib itself is not needed for them."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_peers
+
+    from tests import fake_layouts
+    from tests.framework_helpers import TINY, compose_train
+    from uflow_exp.models.uflow.lightning_module import UFlowModule
+    from uflow_exp.tasks.export import export_onnx
+    from uflow_exp.tasks.train import train
+
+    root = fake_layouts.make_mvtec(tmp_path / "data", n_train=6, size=64)
+    train(compose_train([*TINY, "dataset=mvtec", f"dataset.root={root}", "test=false"], tmp_path / "ours"))
+    (checkpoint,) = (tmp_path / "ours" / "checkpoints").glob("epoch_*.ckpt")
+    export_onnx(UFlowModule.from_checkpoint(str(checkpoint)), checkpoint.with_suffix(".onnx"))
+
+    floors = bench_peers.run_floors(SimpleNamespace(work=tmp_path, batch=2)) | {"batch": 2}
+    assert 0 < floors["import_peak_rss_mb"] < floors["train_peak_rss_mb"]
+    assert floors["map_images_per_s"] > 0 and floors["onnx_map_images_per_s"] > 0
+    peer = {"peak_rss_mb": 4000.0, "test_images_per_s": 2.0}
+    ours = {"peak_rss_mb": 2000.0, "test_images_per_s": 1.0}
+    rows = table_rows(bench_peers.floor_table(peer, ours, {"test_images_per_s": 0.5}, floors), "")
+    by_name = {row[0]: row[1:] for row in rows}
+    value, to_peer, to_ours = by_name["map images/s at batch 2, onnxruntime"]
+    assert float(to_peer.rstrip("x")) == pytest.approx(float(value) / 2.0, abs=0.01)
+    assert float(to_ours.rstrip("x")) == pytest.approx(float(value) / 0.5, abs=0.01)
+    value, to_peer, _ = by_name["peak RSS MB: 3 training steps at batch 2"]
+    assert float(to_peer.rstrip("x")) == pytest.approx(float(value) / 4000, abs=0.01)

@@ -106,21 +106,27 @@ def run_ours(category_dir: Path, args) -> dict:
         f"paths.log_dir={args.work}", f"hydra.run.dir={out}",
         "~callbacks.test_images",  # anomalib's visualiser is off too: neither tool writes images
     ]  # fmt: skip
+    return our_metrics(command, out, "fit_s", "train_images_per_s", "test_images_per_s")
+
+
+def our_metrics(command: list[str], out: Path, *times: str) -> dict:
+    """Runs one of our commands; its ``time/`` metrics named in ``times``, pixel AUROC, peak RSS."""
     _, rss = measured(command)
     metrics = json.loads((out / "metrics.json").read_text())
-    return {
-        "fit_s": metrics["time/fit_s"],
-        "train_images_per_s": metrics["time/train_images_per_s"],
-        "test_images_per_s": metrics["time/test_images_per_s"],
+    return {name: metrics[f"time/{name}"] for name in times} | {
         "pixel_auroc": metrics["test/pixel_auroc"],
         "peak_rss_mb": rss,
     }
 
 
+def best_checkpoint(args) -> Path:
+    return next((args.work / "ours" / "checkpoints").glob("epoch_*.ckpt"))
+
+
 def run_ours_onnxruntime(category_dir: Path, args) -> dict:
     """The production path: our best checkpoint exported to ONNX and tested with onnxruntime
     (`python -m uflow_exp.evaluate backend=onnxruntime`), in a process of its own."""
-    checkpoint = next((args.work / "ours" / "checkpoints").glob("epoch_*.ckpt"))
+    checkpoint = best_checkpoint(args)
     export = [sys.executable, "-m", "uflow_exp.export", f"ckpt_path={checkpoint}", "format=onnx",
               f"hydra.run.dir={args.work / 'export'}"]  # fmt: skip
     subprocess.run(export, cwd=ROOT, check=True, capture_output=True)
@@ -131,13 +137,7 @@ def run_ours_onnxruntime(category_dir: Path, args) -> dict:
         f"dataset.batch_size={args.batch}", "logger=csv", f"paths.log_dir={args.work}",
         f"hydra.run.dir={out}",
     ]  # fmt: skip
-    _, rss = measured(command)
-    metrics = json.loads((out / "metrics.json").read_text())
-    return {
-        "test_images_per_s": metrics["time/test_images_per_s"],
-        "pixel_auroc": metrics["test/pixel_auroc"],
-        "peak_rss_mb": rss,
-    }
+    return our_metrics(command, out, "test_images_per_s")
 
 
 def floor_child(kind: str, checkpoint: Path, batch: int) -> None:
@@ -191,7 +191,7 @@ def floor_child(kind: str, checkpoint: Path, batch: int) -> None:
 
 def run_floors(args) -> dict:
     """The floors of the module docstring, each in its own process, on our best checkpoint."""
-    checkpoint = next((args.work / "ours" / "checkpoints").glob("epoch_*.ckpt"))
+    checkpoint = best_checkpoint(args)
     child = [sys.executable, __file__, f"--floor-ckpt={checkpoint}", f"--batch={args.batch}", "--floor"]
     floors = {}
     for kind in ("import", "train", "map"):

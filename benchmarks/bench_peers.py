@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -56,17 +55,29 @@ def ensure_peers() -> None:
     subprocess.run([str(PEER_PYTHON), "-m", "pip", "install", "-q", *PEER_PACKAGES], check=True)
 
 
+# Linux starts a child's peak RSS at the peak of the process that spawned it (exec keeps the larger
+# of the two), so a command spawned from this process, which may hold torch, could not report less
+# than this process's own peak. A bare interpreter spawns it instead and reports the peak of its
+# descendants alone (RUSAGE_CHILDREN: the tree below it, the launcher's few MB not counted).
+LAUNCHER = """import resource, subprocess, sys
+code = subprocess.run(sys.argv[2:], stderr=subprocess.DEVNULL).returncode
+with open(sys.argv[1], "w") as f:
+    f.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+sys.exit(code)
+"""
+
+
 def measured(command: list[str]) -> tuple[str, float]:
     """Runs ``command``; returns its stdout and the peak RSS (MB) of its process tree."""
-    with tempfile.TemporaryFile("w+") as out:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.DEVNULL)
-        _, status, usage = os.wait4(process.pid, 0)  # the child's own usage, which Popen.wait drops
-        out.seek(0)
-        text = out.read()
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise RuntimeError(f"{' '.join(command)} failed with exit code {code}:\n{text[-3000:]}")
-    return text, usage.ru_maxrss / 1024
+    with tempfile.TemporaryDirectory() as tmp:
+        peak = Path(tmp) / "peak_rss_kb"
+        launcher = [sys.executable, "-I", "-c", LAUNCHER, str(peak)]
+        run = subprocess.run([*launcher, *command], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        if run.returncode != 0:
+            raise RuntimeError(
+                f"{' '.join(command)} failed with exit code {run.returncode}:\n{run.stdout[-3000:]}"
+            )
+        return run.stdout, int(peak.read_text()) / 1024
 
 
 def make_textures(folder: Path, size: int, n_train: int, n_test: int) -> Path:

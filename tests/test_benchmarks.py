@@ -110,3 +110,20 @@ def test_peer_floors_measure_our_trained_model_alone(tmp_path):
     assert float(to_ours.rstrip("x")) == pytest.approx(float(value) / 0.5, abs=0.01)
     value, to_peer, _ = by_name["peak RSS MB: 3 training steps at batch 2"]
     assert float(to_peer.rstrip("x")) == pytest.approx(float(value) / 4000, abs=0.01)
+
+
+def test_peak_rss_is_the_commands_own_not_the_benchmarks():
+    """Linux starts a spawned child's peak RSS at its parent's; the benchmark's measure must not."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_peers
+
+    held = bytearray(1 << 30)  # this process: over 1 GB resident
+    held[:: 1 << 12] = b"x" * len(held[:: 1 << 12])
+    out, rss = bench_peers.measured([sys.executable, "-c", "print('small')"])
+    assert out == "small\n" and 0 < rss < 100
+    _, rss = bench_peers.measured(
+        [sys.executable, "-c", "b = bytearray(300 << 20); b[:: 4096] = b'x' * len(b[:: 4096])"]
+    )
+    assert 300 < rss < 400
+    with pytest.raises(RuntimeError, match="exit code 3"):
+        bench_peers.measured([sys.executable, "-c", "raise SystemExit(3)"])

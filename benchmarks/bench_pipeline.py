@@ -30,7 +30,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -226,7 +225,12 @@ def run_case(case: str, n: int, batch: int, device: torch.device, repeats: int, 
     if bf16:
         result.update(bf16_inference(model, x, batch, raw, device))
 
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, the peak of this process's own memory since its exec: ru_maxrss would start at the
+    # peak of the benchmark process that spawned it (Linux carries that across the spawn)
+    status = Path("/proc/self/status").read_text()
+    result["peak_rss_mb"] = (
+        int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
+    )
     if device.type == "cuda":
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return result

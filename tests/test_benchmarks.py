@@ -36,8 +36,10 @@ def test_pipeline_benchmark_prints_every_column():
         "--repeats", "1", "--bf16",
     )  # fmt: skip
     main, bf16_table = out.split("bf16 autocast")
+    header = table_rows(main, "case")[0]  # the end-to-end table comes first
     (row,) = table_rows(main, "resnet18@64")
-    assert len(row) == 15 and row[1] == "2 (2)"  # ... torch and onnxruntime inference side by side
+    assert len(header) == len(row) == 18 and row[1] == "2 (2)"
+    assert header[-4:] == ["backbone img/s: NCHW", "channels-last", "channels-last / NCHW", "peak RSS MB"]
     assert all(float(cell.rstrip("x")) > 0 for cell in row[2:])
     (bf16,) = table_rows(bf16_table, "resnet18@64")
     assert 0 < float(bf16[-1]) < 0.1  # bf16 maps differ from fp32's, by a little

@@ -16,7 +16,7 @@ Columns: train images/s of the training loop (data loading and steps, no validat
 `uflow_exp.callbacks.TrainLoopTimer` times both), fit wall time (ours includes filling the feature
 cache and a validation per epoch; anomalib's runs no validation), test images/s (decoding, model and
 each tool's metrics; ours also the tree NFA; neither writes images: anomalib's visualiser is off and
-so are our test panels), peak RSS of the process tree (`wait4`), and the ratios ours / anomalib's. A
+so are our test panels), peak RSS of the process tree (`measured`), and the ratios ours / anomalib's. A
 last column tests our best checkpoint again the production way, exported to ONNX and run with
 onnxruntime (`python -m uflow_exp.evaluate backend=onnxruntime`, its own process: its peak RSS is the
 test's alone). `--test-images` sets the size of the generated test set: anomalib's metrics keep every

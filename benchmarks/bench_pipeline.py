@@ -171,6 +171,13 @@ def backbone_layouts(extractor, x: torch.Tensor, batch: int, device: torch.devic
     return {f"backbone_{name}": len(x) / median for name, median in medians.items()}
 
 
+def peak_rss_mb() -> float:
+    """VmHWM, this process's own peak since its exec: ru_maxrss would start at the peak of the
+    benchmark process that spawned it (Linux carries that across the spawn)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
+
+
 def run_case(case: str, n: int, batch: int, device: torch.device, repeats: int, bf16: bool) -> dict:
     backbone, size = case.split("@")
     size = int(size)
@@ -225,12 +232,7 @@ def run_case(case: str, n: int, batch: int, device: torch.device, repeats: int, 
     if bf16:
         result.update(bf16_inference(model, x, batch, raw, device))
 
-    # VmHWM, the peak of this process's own memory since its exec: ru_maxrss would start at the
-    # peak of the benchmark process that spawned it (Linux carries that across the spawn)
-    status = Path("/proc/self/status").read_text()
-    result["peak_rss_mb"] = (
-        int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
-    )
+    result["peak_rss_mb"] = peak_rss_mb()
     if device.type == "cuda":
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return result

@@ -163,7 +163,8 @@ def floor_child(kind: str, checkpoint: Path, batch: int) -> None:
     from uflow_exp.models.uflow.lightning_module import UFlowModule
     from uflow_exp.models.uflow.loss import nll_loss
 
-    model = UFlowModule.from_checkpoint(str(checkpoint)).model
+    module = UFlowModule.from_checkpoint(str(checkpoint))
+    model = module.model
     model.train(kind == "train")  # as Lightning sets it: training adds the feature noise, tests do not
     images = torch.rand(
         batch, 3, model.input_size, model.input_size, generator=torch.Generator().manual_seed(0)
@@ -182,13 +183,14 @@ def floor_child(kind: str, checkpoint: Path, batch: int) -> None:
     import onnxruntime as ort
     from timing import seconds
 
-    from uflow_exp.tasks.export import INPUT_NAME, OUTPUT_NAME
+    from uflow_exp.tasks.export import INPUT_NAME, OUTPUT_NAME, AnomalyMapNet
 
     session = ort.InferenceSession(str(checkpoint.with_suffix(".onnx")), providers=["CPUExecutionProvider"])
+    network = AnomalyMapNet(model, module.eval_size)  # the module the ONNX graph was exported from
 
     def torch_map():
         with torch.inference_mode():
-            model.anomaly_map(model.encode(model.normalize(model.extract(images)), jac=False)[0])
+            network(images)
 
     def onnx_map():
         session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})
@@ -208,7 +210,7 @@ def run_floors(args) -> dict:
     for kind in ("import", "train", "map"):
         text, rss = measured([*child, kind])
         floors |= json.loads(text.strip().splitlines()[-1]) | {f"{kind}_peak_rss_mb": rss}
-    return floors
+    return floors | {"batch": args.batch}
 
 
 def floor_table(peer: dict, ours: dict, onnx: dict, floors: dict) -> str:
@@ -290,7 +292,7 @@ def main() -> None:
         print(f"uflow_exp: {ours}", flush=True)
         onnx = run_ours_onnxruntime(category_dir, args)
         print(f"uflow_exp, onnxruntime test: {onnx}", flush=True)
-        floors = run_floors(args) | {"batch": args.batch}
+        floors = run_floors(args)
         print(f"floors: {floors}", flush=True)
     print(table(peer, ours, onnx))
     print()

@@ -22,6 +22,15 @@ def run(*command: str, env: dict | None = None) -> str:
     return done.stdout
 
 
+@pytest.fixture
+def bench_peers(monkeypatch):
+    """benchmarks/bench_peers.py as a module (the benchmarks are scripts, not a package)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_peers
+
+    return bench_peers
+
+
 def table_rows(text: str, first_cell: str) -> list[list[str]]:
     return [
         [cell.strip() for cell in line.strip("|").split("|")]
@@ -83,12 +92,9 @@ def test_accuracy_benchmark_prints_a_row_per_case_and_threshold(tmp_path):
     assert {p.name for p in (tmp_path / "brick").iterdir()} == {"run", "nfa_tree", "nfa_block"}
 
 
-def test_peer_floors_measure_our_trained_model_alone(tmp_path):
+def test_peer_floors_measure_our_trained_model_alone(tmp_path, bench_peers):
     """bench_peers' floors on a tiny checkpoint where its run leaves one (work/ours/checkpoints, the
     ONNX export beside it); anomalib itself is not needed for them."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import bench_peers
-
     from tests import fake_layouts
     from tests.framework_helpers import TINY, compose_train
     from uflow_exp.models.uflow.lightning_module import UFlowModule
@@ -100,7 +106,7 @@ def test_peer_floors_measure_our_trained_model_alone(tmp_path):
     (checkpoint,) = (tmp_path / "ours" / "checkpoints").glob("epoch_*.ckpt")
     export_onnx(UFlowModule.from_checkpoint(str(checkpoint)), checkpoint.with_suffix(".onnx"))
 
-    floors = bench_peers.run_floors(SimpleNamespace(work=tmp_path, batch=2)) | {"batch": 2}
+    floors = bench_peers.run_floors(SimpleNamespace(work=tmp_path, batch=2))
     assert 0 < floors["import_peak_rss_mb"] < floors["train_peak_rss_mb"]
     assert floors["map_images_per_s"] > 0 and floors["onnx_map_images_per_s"] > 0
     peer = {"peak_rss_mb": 4000.0, "test_images_per_s": 2.0}
@@ -114,11 +120,8 @@ def test_peer_floors_measure_our_trained_model_alone(tmp_path):
     assert float(to_peer.rstrip("x")) == pytest.approx(float(value) / 4000, abs=0.01)
 
 
-def test_peak_rss_is_the_commands_own_not_the_benchmarks():
+def test_peak_rss_is_the_commands_own_not_the_benchmarks(bench_peers):
     """Linux starts a spawned child's peak RSS at its parent's; the benchmark's measure must not."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import bench_peers
-
     held = bytearray(1 << 30)  # this process: over 1 GB resident
     held[:: 1 << 12] = b"x" * len(held[:: 1 << 12])
     out, rss = bench_peers.measured([sys.executable, "-c", "print('small')"])

@@ -111,13 +111,17 @@ def test_peer_floors_measure_our_trained_model_alone(tmp_path, bench_peers):
     assert floors["map_images_per_s"] > 0 and floors["onnx_map_images_per_s"] > 0
     peer = {"peak_rss_mb": 4000.0, "test_images_per_s": 2.0}
     ours = {"peak_rss_mb": 2000.0, "test_images_per_s": 1.0}
+    floors["peer_map_images_per_s"] = 4.0  # anomalib's map alone, measured only beside anomalib
     rows = table_rows(bench_peers.floor_table(peer, ours, {"test_images_per_s": 0.5}, floors), "")
     by_name = {row[0]: row[1:] for row in rows}
-    value, to_peer, to_ours = by_name["map images/s at batch 2, onnxruntime"]
+    value, to_peer, to_ours, to_peer_map = by_name["map images/s at batch 2, onnxruntime"]
     assert float(to_peer.rstrip("x")) == pytest.approx(float(value) / 2.0, abs=0.01)
     assert float(to_ours.rstrip("x")) == pytest.approx(float(value) / 0.5, abs=0.01)
-    value, to_peer, _ = by_name["peak RSS MB: 3 training steps at batch 2"]
+    assert float(to_peer_map.rstrip("x")) == pytest.approx(float(value) / 4.0, abs=0.01)
+    assert by_name["anomalib's map alone, images/s at batch 2, torch"] == ["4.00", "2.00x", "-", "-"]
+    value, to_peer, _, to_peer_map = by_name["peak RSS MB: 3 training steps at batch 2"]
     assert float(to_peer.rstrip("x")) == pytest.approx(float(value) / 4000, abs=0.01)
+    assert to_peer_map == "-"
 
 
 def test_peak_rss_is_the_commands_own_not_the_benchmarks(bench_peers):

@@ -156,6 +156,35 @@ def test_a_cached_run_decodes_each_image_once_and_lists_the_files_once(tmp_path,
     assert len(decoded) > 3 * 6  # without the cache every epoch decodes
 
 
+@pytest.mark.parametrize("limit", ["1", "0.4"])  # a count of batches, a share of them
+def test_a_limited_run_caches_exactly_the_training_images_its_epochs_read(tmp_path, monkeypatch, limit):
+    from uflow_exp.data import AnomalyDataModule
+    from uflow_exp.feature_cache import FeatureCache
+
+    root = fake_layouts.make_mvtec(tmp_path / "data", n_train=20, size=64)
+    stored, read, modules = [], [], []
+    fill, lookup, fit_datasets = FeatureCache.fill, FeatureCache.read, AnomalyDataModule.fit_datasets
+    monkeypatch.setattr(
+        AnomalyDataModule, "fit_datasets", lambda self: modules.append(self) or fit_datasets(self)
+    )
+
+    def recording_fill(self, batches, extract):
+        return fill(self, ((keys, images) for keys, images in batches if not stored.extend(keys)), extract)
+
+    monkeypatch.setattr(FeatureCache, "fill", recording_fill)
+    monkeypatch.setattr(FeatureCache, "read", lambda self, key: read.append(key) or lookup(self, key))
+    overrides = [*TINY, "dataset=mvtec", f"dataset.root={root}", "dataset.batch_size=2", "test=false"]
+    overrides += ["trainer.max_epochs=3", f"trainer.limit_train_batches={limit}", "feature_cache=memory"]
+    train(compose_train(overrides, tmp_path / "run"))
+    validation = {str(record.image) for record in modules[0].val_dataset.records}
+    trained_on = set(read) - validation
+    # 16 training images, 2 per batch, 1 batch (or 40 % of 8 batches: 3) per epoch, 3 epochs: 6 or 18
+    # draws, some of them repeats; the 4 validation images are read whole every epoch
+    assert len(validation) == 4 and validation <= set(read)
+    assert 2 < len(trained_on) <= (6 if limit == "1" else 15)
+    assert sorted(stored) == sorted(trained_on | validation)  # each cached once, none never read
+
+
 def test_a_float16_feature_cache_moves_losses_and_maps_by_little(tmp_path):
     root = fake_layouts.make_mvtec(tmp_path / "data", n_train=8, size=64)
     results = {}

@@ -165,10 +165,27 @@ class AnomalyDataModule(L.LightningDataModule):
         )
 
     def fit_datasets(self) -> list[AnomalyDataset]:
-        """The training and validation sets (after ``setup``): the images a feature cache holds."""
+        """The training and validation sets (after ``setup``)."""
         if self.train_dataset is None or self.val_dataset is None:
             raise RuntimeError("call setup() before asking for the training images")
         return [self.train_dataset, self.val_dataset]
+
+    def drawn_training_records(self, epochs: int, limit: int | float) -> list[Record]:
+        """The training records that ``epochs`` epochs of at most ``limit`` batches each draw (after
+        ``setup``), in the data set's order: Lightning's ``limit_train_batches`` is a count of
+        batches or a share of them, and each epoch's batches come from the seeded permutation of
+        `EpochSeededSampler`, so the images a limited run will ever see are known before it starts."""
+        if self.train_dataset is None:
+            raise RuntimeError("call setup() before asking for the training images")
+        length = len(self.train_dataset)
+        batches = -(-length // self.batch_size)
+        batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+        sampler = EpochSeededSampler(length, self.seed)
+        drawn: set[int] = set()
+        for epoch in range(epochs):
+            sampler.set_epoch(epoch)
+            drawn.update(list(sampler)[: batches * self.batch_size])
+        return [record for i, record in enumerate(self.train_dataset.records) if i in drawn]
 
     def serve_features(self, features: FeatureLookup) -> None:
         """From now on the training and validation loaders yield each image's stored features

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from uflow_exp.data import AnomalyDataModule
+from uflow_exp.data.records import Record
 from uflow_exp.feature_cache import CacheSpec, open_feature_cache, parse_mode
 from uflow_exp.models.uflow.lightning_module import UFlowModule
 from uflow_exp.utils import (
@@ -68,6 +69,22 @@ def _interrupted_message(trainer: L.Trainer) -> str:
     return f"Training stopped by SIGTERM at epoch {trainer.current_epoch}; {how}"
 
 
+def fit_records(datamodule: AnomalyDataModule, trainer: L.Trainer) -> list[Record]:
+    """The training and validation records the fit will read: with ``limit_train_batches`` below
+    the whole set and a fixed number of epochs, only the training images those epochs draw (so the
+    feature cache holds no image that is never read), else all of them. Under DDP, ``overfit_batches``
+    (which replaces the sampler) or an open-ended run, all of them."""
+    train, val = datamodule.fit_datasets()
+    limit = trainer.limit_train_batches
+    partial = isinstance(limit, int) or limit < 1.0
+    if partial and trainer.world_size == 1 and not trainer.overfit_batches and (trainer.max_epochs or 0) > 0:
+        drawn = datamodule.drawn_training_records(trainer.max_epochs, limit)
+        log.info("Feature cache: %d epochs of %s batches draw %d of the %d training images",
+                 trainer.max_epochs, limit, len(drawn), len(train.records))  # fmt: skip
+        return drawn + val.records
+    return train.records + val.records
+
+
 def cache_features(
     cfg: DictConfig, mode: str, datamodule: AnomalyDataModule, module: UFlowModule, trainer: L.Trainer
 ) -> None:
@@ -78,9 +95,7 @@ def cache_features(
     module only sees batches that carry ``features`` or ``image``.
     """
     datamodule.setup("fit")
-    records = list(
-        {os.path.abspath(r.image): r for d in datamodule.fit_datasets() for r in d.records}.values()
-    )
+    records = list({os.path.abspath(r.image): r for r in fit_records(datamodule, trainer)}.values())
     backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
     spec = CacheSpec(
         dataset=datamodule.layout,

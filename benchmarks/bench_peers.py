@@ -227,10 +227,10 @@ def run_floors(args, peer: bool = False, rounds: int = 1) -> dict:
         floors[f"{kind}_peak_rss_mb"] = rss
     calls: dict[str, list[float]] = {}
     for _ in range(rounds):
-        for command in ([peer_child] if peer else []) + [[*child, "map"]]:
+        for tool, command in ([("peer_", peer_child)] if peer else []) + [("", [*child, "map"])]:
             text, _ = measured(command)
             for name, times in json.loads(text.strip().splitlines()[-1]).items():
-                calls.setdefault(name, []).extend(times)
+                calls.setdefault(tool + name, []).extend(times)
     rates = {name.replace("_seconds", "_images_per_s"): args.batch / statistics.median(times)
              for name, times in calls.items()}  # fmt: skip
     return floors | rates | {"batch": args.batch}

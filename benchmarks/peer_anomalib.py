@@ -48,7 +48,7 @@ def map_seconds(backbone: str, batch: int, calls: int) -> list[float]:
     return times[1:]
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("root", type=Path, nargs="?", help="folder holding the category folder (MVTec AD)")
     parser.add_argument("category", nargs="?")
@@ -63,7 +63,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.map_floor is None and args.category is None:
         parser.error("ROOT and CATEGORY are needed unless --map-floor is given")
+    return args
 
+
+def main() -> None:
+    args = parse_args()
     import timm
 
     if not args.pretrained:

@@ -27,3 +27,12 @@ def shared_path(*parts: str) -> Path:
 def reference_resnet18() -> dict:
     """The authors' implementation run on a resnet18 U-Flow (see shared/fixtures/README.md)."""
     return torch.load(shared_path("fixtures", "uflow_reference_resnet18.pt"), weights_only=False)["resnet18"]
+
+
+@pytest.fixture
+def bench_peers(monkeypatch):
+    """benchmarks/bench_peers.py as a module (the benchmarks are scripts, not a package)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_peers
+
+    return bench_peers

@@ -180,7 +180,7 @@ class AnomalyDataModule(L.LightningDataModule):
         length = len(self.train_dataset)
         batches = -(-length // self.batch_size)
         batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
-        sampler = EpochSeededSampler(length, self.seed)
+        sampler = self._training_sampler(self.train_dataset)
         drawn: set[int] = set()
         for epoch in range(epochs):
             sampler.set_epoch(epoch)
@@ -197,13 +197,17 @@ class AnomalyDataModule(L.LightningDataModule):
         """Decoded images of ``records`` in order, in evaluation batches (to compute features)."""
         return self._loader(AnomalyDataset(records, self.image_size), self.eval_batch_size, shuffle=False)
 
+    def _training_sampler(self, dataset: AnomalyDataset) -> EpochSeededSampler:
+        """The training order: the loader's and the one ``drawn_training_records`` predicts."""
+        return EpochSeededSampler(len(dataset), self.seed)
+
     def _loader(self, dataset: AnomalyDataset | None, batch_size: int, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a data loader")
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            sampler=EpochSeededSampler(len(dataset), self.seed) if shuffle else _evaluation_sampler(dataset),
+            sampler=self._training_sampler(dataset) if shuffle else _evaluation_sampler(dataset),
             drop_last=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

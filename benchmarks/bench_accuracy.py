@@ -1,12 +1,18 @@
 """Accuracy of the default recipe on real and embedded data: one table, one training run per case.
 
-Run: .venv/bin/python benchmarks/bench_accuracy.py [--cases lgg brick ...] [--keep DIR]
-[-- extra overrides] (`make bench-accuracy`). Each case is the command a user types
-(`python -m uflow_exp dataset=...`), run in its own process with `logger=csv`; the row is read from
-that run's `metrics.json`. Cases:
+Run: .venv/bin/python benchmarks/bench_accuracy.py [--cases lgg brick ...] [--seeds 42 1] [--keep DIR]
+[--no-baseline] [-- extra overrides] (`make bench-accuracy`). Each case is the command a user types
+(`python -m uflow_exp dataset=... seed=S`), run in its own process with `logger=csv` once per seed;
+its row is the mean over the seeds of those runs' `metrics.json`. Cases:
 
 - `lgg`: ../shared/data/lgg_mri_dev (20 LGG MRI patients, split by patient: 16 train / 4 test).
+- `kolektor`: ../shared/data/kolektor_dev (commutator surfaces with thin cracks, MVTec layout).
+- `tire`: ../shared/data/tire_dev (a tyre on a dark background, four defect types, MVTec layout).
 - `brick`, `grass`, `gravel`: the embedded textures.
+
+Beside each case, in its own process on the same images, splits, backbone and weights, the
+nearest-neighbour baseline of `knn_baseline.py` (PatchCore as published, scored by the same metrics;
+once, seeded with the first seed: only its coreset is random), and a table of ours against it.
 
 A second table re-thresholds each case's best checkpoint with every threshold mode
 (`python -m uflow_exp.evaluate ckpt_path=... threshold=...`, `--thresholds` picks them) and prints the
@@ -24,15 +30,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LGG_DEV = ROOT.parent / "shared" / "data" / "lgg_mri_dev"
+DATA = ROOT.parent / "shared" / "data"
 CASES = {
-    "lgg": ["dataset=lgg_mri", f"dataset.root={LGG_DEV}"],
+    "lgg": ["dataset=lgg_mri", f"dataset.root={DATA / 'lgg_mri_dev'}"],
+    "kolektor": ["dataset=mvtec", f"dataset.root={DATA / 'kolektor_dev'}", "dataset.category=kolektor"],
+    "tire": ["dataset=mvtec", f"dataset.root={DATA / 'tire_dev'}", "dataset.category=tire"],
     "brick": ["dataset=textures", "dataset.category=brick"],
     "grass": ["dataset=textures", "dataset.category=grass"],
     "gravel": ["dataset=textures", "dataset.category=gravel"],
@@ -45,6 +54,13 @@ COLUMNS = [
     ("oracle mIoU", "test/best_miou", "{:.3f}"),
     ("train s", "time/fit_s", "{:.0f}"),
     ("test img/s", "time/test_images_per_s", "{:.1f}"),
+]
+# ours against the baseline: (name, metrics key, ours minus baseline (True) or ours / baseline)
+VERSUS = [
+    ("pixel AUROC", "test/pixel_auroc", True),
+    ("AUPRO@0.3", "test/pixel_aupro", True),
+    ("image AUROC", "test/image_auroc", True),
+    ("fit s", "time/fit_s", False),
 ]
 # threshold modes of the second table: name -> overrides of `python -m uflow_exp.evaluate`
 THRESHOLDS = {
@@ -86,6 +102,33 @@ def run_cli(module: str, overrides: list[str], log_dir: Path, name: str) -> dict
     return json.loads((out / "metrics.json").read_text())
 
 
+def run_baseline(overrides: list[str], log_dir: Path, seed: int) -> dict[str, float]:
+    """The nearest-neighbour baseline (``knn_baseline.py``) on the run's data and backbone."""
+    out = log_dir / "baseline.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "knn_baseline.py"), "--json", str(out), "--seed",
+               str(seed), "--", *overrides]  # fmt: skip
+    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return json.loads(out.read_text())
+
+
+def mean(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Per key, the mean over the runs that have it."""
+    keys = {k for run in runs for k in run}
+    return {k: statistics.fmean(run[k] for run in runs if k in run) for k in keys}
+
+
+def versus_row(case: str, ours: dict[str, float], baseline: dict[str, float]) -> str:
+    cells = [case]
+    for _, key, difference in VERSUS:
+        a, b = ours.get(key), baseline.get(key)
+        if a is None or b is None:
+            cells += ["-", "-", "-"]
+            continue
+        fmt = "{:.3f}" if difference else "{:.0f}"
+        cells += [fmt.format(a), fmt.format(b), f"{a - b:+.3f}" if difference else f"{a / b:.2f}x"]
+    return "| " + " | ".join(cells) + " |"
+
+
 def best_checkpoint(run_dir: Path) -> Path:
     """The checkpoint that training tested: the one kept for the best ``val/loss``."""
     (best,) = (p for p in (run_dir / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt")
@@ -111,18 +154,62 @@ def row(name: str, metrics: dict[str, float | None], columns=COLUMNS) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--thresholds", nargs="*", default=list(THRESHOLDS), choices=list(THRESHOLDS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42, 1], help="training seeds (rows: means)")
+    parser.add_argument(
+        "--thresholds", nargs="*", default=list(THRESHOLDS), choices=list(THRESHOLDS),
+        help="re-threshold the first seed's best checkpoint with these modes (none: skip the table)",
+    )  # fmt: skip
+    parser.add_argument("--no-baseline", action="store_true", help="skip the nearest-neighbour baseline")
     parser.add_argument(
         "--keep", type=Path, help="keep each case's runs (test panels, checkpoints) in KEEP/<case>/"
     )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every case (after --)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def run_case(case: str, args: argparse.Namespace, folder: Path) -> tuple[str, str | None, list[str]]:
+    """One case: its row (the mean over the seeds), its row against the baseline (None without one)
+    and its operating points; each printed as soon as it is known."""
+    overrides = CASES[case] + args.overrides
+    runs = []
+    for seed in args.seeds:
+        runs.append(run_cli("uflow_exp", [*overrides, f"seed={seed}"], folder, f"run_seed{seed}"))
+        print(row(f"{case} seed {seed}", runs[-1]), flush=True)
+    ours = mean(runs)
+    line = row(case, ours)
+    print(line, flush=True)
+    versus = None
+    if not args.no_baseline:
+        versus = versus_row(case, ours, run_baseline(overrides, folder, args.seeds[0]))
+        print(versus, flush=True)
+    ckpt = best_checkpoint(folder / f"run_seed{args.seeds[0]}")
+    operating = []
+    for mode in args.thresholds:
+        metrics = run_cli(
+            "uflow_exp.evaluate", [*overrides, f"ckpt_path={ckpt}", *THRESHOLDS[mode]], folder, mode
+        )
+        operating.append(row(f"{case} | {mode}", metrics, OPERATING_COLUMNS))
+        print(operating[-1], flush=True)
+    return line, versus, operating
+
+
+def main() -> None:
+    args = parse_args()
+    seeds = ", ".join(map(str, args.seeds))
     lines = [
-        "| case | " + " | ".join(name for name, _, _ in COLUMNS) + " |",
+        f"| case (mean of seeds {seeds}) | " + " | ".join(name for name, _, _ in COLUMNS) + " |",
         "|---" * (len(COLUMNS) + 1) + "|",
+    ]
+    versus = [
+        "| case | "
+        + " | ".join(
+            f"{n} ours | {n} baseline | {'ours - baseline' if d else 'ours / baseline'}" for n, _, d in VERSUS
+        )
+        + " |",  # fmt: skip
+        "|---" * (3 * len(VERSUS) + 1) + "|",
     ]
     operating = [
         "| case | threshold | " + " | ".join(name for name, _, _ in OPERATING_COLUMNS) + " |",
@@ -131,20 +218,13 @@ def main() -> None:
     print(f"overrides: {' '.join(args.overrides) or '(none: the default recipe)'}", flush=True)
     for case in args.cases:
         with run_folder(args.keep, case) as tmp:
-            overrides = CASES[case] + args.overrides
-            lines.append(row(case, run_cli("uflow_exp", overrides, Path(tmp), "run")))
-            print(lines[-1], flush=True)
-            ckpt = best_checkpoint(Path(tmp) / "run")
-            for mode in args.thresholds:
-                metrics = run_cli(
-                    "uflow_exp.evaluate",
-                    [*overrides, f"ckpt_path={ckpt}", *THRESHOLDS[mode]],
-                    Path(tmp),
-                    mode,
-                )
-                operating.append(row(f"{case} | {mode}", metrics, OPERATING_COLUMNS))
-                print(operating[-1], flush=True)
+            line, against, points = run_case(case, args, Path(tmp))
+        lines.append(line)
+        versus += [against] if against else []
+        operating += points
     print("\n".join(lines))
+    if not args.no_baseline:
+        print("\n" + "\n".join(versus))
     if args.thresholds:
         print("\n" + "\n".join(operating))
 

@@ -65,22 +65,33 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
 def test_accuracy_benchmark_prints_a_row_per_case_and_threshold(tmp_path):
     out = run(
         sys.executable, "benchmarks/bench_accuracy.py", "--cases", "brick", "--keep", str(tmp_path),
-        "--thresholds", "nfa_tree", "nfa_block",
+        "--seeds", "42", "1", "--thresholds", "nfa_tree", "nfa_block",
         "--", "trainer.max_epochs=1", "dataset.n_train=6", "dataset.n_test_good=2", "dataset.n_test_defect=2",
         "backbone.input_size=96", "model.eval_size=64", "dataset.generated_size=64",
     )  # fmt: skip
-    rows = [r for r in table_rows(out, "brick |") if not r[1][0].isalpha()]  # the accuracy table
+    seeds = [table_rows(out, f"brick seed {seed} |")[0] for seed in (42, 1)]
+    rows = [r for r in table_rows(out, "brick |") if not r[1][0].isalpha() and len(r) == 8]  # accuracy
     assert len(rows) == 2 and rows[0] == rows[1]  # printed as it runs, then in the table
-    assert len(rows[0]) == 8 and all(0 <= float(cell) <= 1 for cell in rows[0][1:6])
+    assert all(0 <= float(cell) <= 1 for cell in rows[0][1:6])
     assert float(rows[0][6]) >= 0 and float(rows[0][7]) > 0  # train seconds, rounded; test images/s
+    assert seeds[0][1] != seeds[1][1]  # two trainings ...
+    mean_auroc = (float(seeds[0][1]) + float(seeds[1][1])) / 2
+    assert abs(float(rows[0][1]) - mean_auroc) <= 0.0006  # ... and the row is their mean
+    versus = [r for r in table_rows(out, "brick |") if len(r) == 13]  # ours against the baseline
+    assert len(versus) == 2 and versus[0] == versus[1]
+    assert versus[0][1] == rows[0][1]  # ours: the mean of the seeds
+    assert 0.5 < float(versus[0][2]) <= 1  # the baseline finds the synthetic defects
+    assert float(versus[0][3]) == pytest.approx(float(versus[0][1]) - float(versus[0][2]), abs=0.0015)
     tree, block = (table_rows(out, f"brick | {mode} |") for mode in ("nfa_tree", "nfa_block"))
     assert len(block) == len(tree) == 2 and len(block[0]) == 8
-    # re-thresholding the trained model gives what training tested with (the default threshold)
-    assert tree[0][2:4] == [rows[0][4], rows[0][5]]  # mIoU and oracle mIoU
-    assert block[0][3] == rows[0][5]  # the oracle does not depend on the threshold
+    # re-thresholding the first seed's model gives what its training tested with (the default threshold)
+    assert tree[0][2:4] == [seeds[0][4], seeds[0][5]]  # mIoU and oracle mIoU
+    assert block[0][3] == seeds[0][5]  # the oracle does not depend on the threshold
     # --keep: the runs stay, with the test panels to look at
-    assert len(list((tmp_path / "brick" / "run" / "test_images").glob("*.png"))) >= 4
-    assert {p.name for p in (tmp_path / "brick").iterdir()} == {"run", "nfa_tree", "nfa_block"}
+    assert len(list((tmp_path / "brick" / "run_seed42" / "test_images").glob("*.png"))) >= 4
+    assert {p.name for p in (tmp_path / "brick").iterdir()} == {
+        "run_seed42", "run_seed1", "baseline.json", "nfa_tree", "nfa_block"
+    }  # fmt: skip
 
 
 def test_peer_floors_measure_our_trained_model_alone(tmp_path, bench_peers):

@@ -5,7 +5,8 @@ forward and again in the backward pass); here it is an exact channel gather (O(C
 block's own ``w_perm``, so the authors' checkpoints, each with its own random permutations, load
 unchanged. The element-wise work around the coupling (soft-clamped affine, global affine, permutation)
 is about ten memory-bound passes in eager mode; ``compile_coupling=True`` fuses it into a few kernels
-with ``torch.compile``.
+with ``torch.compile``. Under bfloat16 autocast the subnets' convolutions run in bfloat16 and everything
+after them in float32.
 """
 
 from __future__ import annotations
@@ -169,14 +170,18 @@ class FastAllInOneBlock(fm.AllInOneBlock):
     def forward(self, x, c=None, rev=False, jac=True):
         indices = self._gather_indices("w_perm_inv" if rev else "w_perm") if self._fast else None
         if indices is None:
-            return super().forward(x, [] if c is None else c, rev=rev, jac=jac)
+            # FrEIA's coupling would sum the log-det in the autocast dtype: it runs in full precision
+            with torch.autocast(x[0].device.type, enabled=False):
+                return super().forward(x, [] if c is None else c, rev=rev, jac=jac)
         index, inverse = indices
         x = x[0]
         scale = self.global_scale_activation(self.global_scale)
         if rev:
             x = (_ChannelGather.apply(x, index, inverse) - self.global_offset) / scale
         x1, x2 = torch.split(x, self.splits, dim=1)
-        a = self._subnet(x1, c)
+        # Under autocast (trainer.precision=bf16-mixed) only the subnet's convolutions run in bfloat16:
+        # the coupling, the latents and the log-det stay in the features' precision.
+        a = self._subnet(x1, c).to(x1.dtype)
         if rev:
             a = a * 0.1
             sub_jac = self.clamp * torch.tanh(a[:, : self.splits[1]])
@@ -192,3 +197,13 @@ class FastAllInOneBlock(fm.AllInOneBlock):
         if log_jac_det is not None:
             log_jac_det = log_jac_det + (-1) ** rev * out[0, :1].numel() * torch.sum(torch.log(scale))
         return (out,), log_jac_det
+
+
+class PixelShuffleUpsampling(fm.IRevNetUpsampling):
+    """FrEIA's ``IRevNetUpsampling`` (same state dict, same channel order) as ``pixel_shuffle``: a pure
+    data movement where FrEIA runs a transposed convolution with a 0/1 kernel, so it is exact in any
+    dtype (autocast would round the convolution's output to bfloat16) and costs no arithmetic."""
+
+    def forward(self, x, c=None, jac=True, rev=False):
+        shuffle = F.pixel_unshuffle if rev else F.pixel_shuffle
+        return (shuffle(x[0], 2),), 0.0

@@ -14,7 +14,7 @@ import FrEIA.framework as ff
 import FrEIA.modules as fm
 from torch import nn
 
-from .blocks import FastAllInOneBlock
+from .blocks import FastAllInOneBlock, PixelShuffleUpsampling
 
 
 def subnet_factory(kernel_size: int, channels_ratio: float):
@@ -62,6 +62,8 @@ def build_uflow_graph(
     (same parameters and results, faster), whose coupling ``compile_coupling`` runs through
     ``torch.compile``; ``fast=False`` from FrEIA's own blocks, the reference.
 
+    The fast graph also upsamples by ``PixelShuffleUpsampling`` (the same numbers as FrEIA's).
+
     ``position_channels`` > 0 makes every coupling subnet of scale ``i`` also see a condition of that
     many channels at the scale's size (``UFlow`` passes a positional encoding, finest scale first);
     0 is the reference graph, which takes no conditions.
@@ -90,7 +92,9 @@ def build_uflow_graph(
         split = ff.Node(
             stage[-1], fm.Split, {"section_sizes": (kept, volume - kept), "dim": 0}, name=f"split_{scale}"
         )
-        up = ff.Node(split.out0, fm.IRevNetUpsampling, {}, name=f"up_{scale}")
+        up = ff.Node(
+            split.out0, PixelShuffleUpsampling if fast else fm.IRevNetUpsampling, {}, name=f"up_{scale}"
+        )
         current = ff.Node([inputs[scale - 1].out0, up.out0], fm.Concat, {"dim": 0}, name=f"cat_{scale}")
         outputs.append(ff.OutputNode(split.out1, name=f"z_{scale}"))
         nodes += [*stage, split, up, current]

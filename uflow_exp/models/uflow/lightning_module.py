@@ -111,8 +111,20 @@ class UFlowModule(L.LightningModule):
     def _latents(
         self, batch: dict, jac: bool = True, generator: torch.Generator | None = None
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        raw = batch["features"] if "features" in batch else self.model.extract(batch["image"])
-        return self.model.encode(self.model.normalize(raw, generator), jac=jac)
+        """Latents and log-det of a batch. Only the training step runs under the trainer's autocast
+        (``trainer.precision=bf16-mixed``: the flow's subnet convolutions in bfloat16): the backbone
+        always runs in float32, as the feature cache does, and so do validation, test and prediction,
+        so that maps, thresholds and metrics do not depend on the training precision and equal the
+        exported graph's."""
+        with torch.autocast(
+            self.device.type, enabled=self.training and torch.is_autocast_enabled(self.device.type)
+        ):
+            raw = batch["features"] if "features" in batch else self._extract(batch["image"])
+            return self.model.encode(self.model.normalize(raw, generator), jac=jac)
+
+    def _extract(self, images: torch.Tensor) -> list[torch.Tensor]:
+        with torch.autocast(self.device.type, enabled=False):
+            return self.model.extract(images)
 
     def _noise_generator(self) -> torch.Generator | None:
         """The feature noise of this step, from (run seed, global step, rank) alone: the global RNG's

@@ -1,0 +1,178 @@
+"""A nearest-neighbour baseline (PatchCore as published) on the same data, backbone and weights as a run
+of ``python -m uflow_exp``, scored by the project's own metrics: the instrument ``bench_accuracy``
+compares the default recipe against. Not a product model.
+
+Run: .venv/bin/python benchmarks/knn_baseline.py --json OUT.json [--seed 42] -- dataset=... [overrides]
+(the overrides a run of ``python -m uflow_exp`` takes; the data set, its splits, the backbone, its
+weights and ``model.eval_size`` come from them).
+
+PatchCore (Roth et al., CVPR 2022), as the paper describes it:
+- two mid-level feature maps of the backbone (timm feature levels 2 and 3, strides 8 and 16: ResNets'
+  layer2 and layer3, EfficientNet-Lite0's 40- and 112-channel stages), each averaged over 3 x 3
+  neighbourhoods (stride 1), the coarser upsampled bilinearly to the finer's size, concatenated;
+- a memory bank of every training patch (the training split and the normal validation images: the
+  baseline has no use for a validation set, so it gets every normal image ours sees), reduced to a
+  seeded greedy k-center coreset of 10 % of the patches, selected on a random projection to 128
+  dimensions (Johnson-Lindenstrauss);
+- a test patch's score is its Euclidean distance to the nearest coreset patch; the map of patch scores
+  is upsampled bilinearly to ``model.eval_size`` and smoothed with a Gaussian of sigma 4 px; the image
+  score is the map's maximum (the paper's re-weighting of it is left out).
+The maps of the whole test set are scaled to [0, 1] together (a monotone map: AUROC and AUPRO are
+unchanged) because the project's metrics bin scores in [0, 1].
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from torchvision.transforms.functional import gaussian_blur
+
+from uflow_exp.metrics import AnomalyMetrics
+from uflow_exp.models.uflow.feature_extraction import build_feature_extractor
+from uflow_exp.utils import CONFIG_DIR, register_resolvers
+
+LEVELS = [2, 3]  # timm feature levels: strides 8 and 16
+CORESET_RATIO = 0.1
+PROJECTION_DIMS = 128
+SIGMA = 4.0  # Gaussian smoothing of the map, pixels at eval_size
+QUERY_CHUNK = 4096  # test patches per distance computation (bounds memory)
+
+
+def greedy_coreset(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of ``k`` rows of ``x`` chosen by greedy k-center: start from a seeded random row, then
+    repeatedly add the row farthest from every row chosen so far.
+
+    Written here because no installed library has it. Exact, but each step recomputes only the rows
+    the new center can be nearer to: by the triangle inequality a row ``p`` whose nearest center is
+    ``a`` cannot come nearer to the new center ``c`` when ``d(c, a) >= 2 d(p, a)``. Late steps, whose
+    centers lie close to their neighbours, then touch a few rows instead of all of them.
+    """
+    n = len(x)
+    if not 0 < k <= n:
+        raise ValueError(f"a coreset of {k} from {n} rows")
+    first = int(torch.randint(n, (1,), generator=generator))
+    centers = x.new_empty(k, x.shape[1])
+    centers_sq = x.new_empty(k)  # squared norms of the centers
+    chosen = torch.empty(k, dtype=torch.long)
+    chosen[0], centers[0], centers_sq[0] = first, x[first], x[first].dot(x[first])
+    nearest = ((x - x[first]) ** 2).sum(1)  # squared distance to the nearest chosen row
+    owner = torch.zeros(n, dtype=torch.long)  # which chosen row that is
+    for i in range(1, k):
+        index = int(nearest.argmax())
+        center = x[index]
+        chosen[i], centers[i], centers_sq[i] = index, center, center.dot(center)
+        # squared center-to-center distances, only to prune: a 1 % margin covers their rounding
+        to_centers = centers_sq[:i] - 2 * (centers[:i] @ center) + centers_sq[i]
+        candidates = (to_centers[owner] < 4.04 * nearest).nonzero().squeeze(1)
+        distance = ((x[candidates] - center) ** 2).sum(1)
+        closer = distance < nearest[candidates]
+        rows = candidates[closer]
+        nearest[rows] = distance[closer]
+        owner[rows] = i
+    return chosen
+
+
+def patch_features(extractor, images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) locally aggregated patch features at the finer level's resolution."""
+    maps = [F.avg_pool2d(f, 3, stride=1, padding=1) for f in extractor.extract(images)]
+    size = maps[0].shape[-2:]
+    maps = [maps[0], *(F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:])]
+    return torch.cat(maps, 1)
+
+
+def nearest_distances(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """Euclidean distance of each query row to its nearest bank row, in chunks of queries."""
+    return torch.cat([torch.cdist(q, bank).amin(1) for q in queries.split(QUERY_CHUNK)])
+
+
+def compose_run(overrides: list[str]):
+    register_resolvers()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def run(overrides: list[str], seed: int) -> dict[str, float]:
+    cfg = compose_run(overrides)
+    backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
+    eval_size = int(cfg.model.eval_size)
+    datamodule = hydra.utils.instantiate(cfg.dataset)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    extractor = build_feature_extractor(
+        backbone["name"],
+        backbone["input_size"],
+        backbone.get("pretrained", True),
+        backbone.get("weights"),
+        LEVELS,
+    ).eval()
+
+    start = time.perf_counter()
+    normal = [r for dataset in datamodule.fit_datasets() for r in dataset.records if not r.label]
+    with torch.inference_mode():
+        bank = torch.cat(
+            [
+                patch_features(extractor, batch["image"]).permute(0, 2, 3, 1).flatten(0, 2)
+                for batch in datamodule.image_loader(normal)
+            ]
+        )
+        generator = torch.Generator().manual_seed(seed)
+        projection = torch.randn(bank.shape[1], PROJECTION_DIMS, generator=generator) / math.sqrt(
+            PROJECTION_DIMS
+        )
+        k = max(1, round(CORESET_RATIO * len(bank)))
+        bank = bank[greedy_coreset(bank @ projection, k, generator)]
+    fit_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    maps, batches = [], []
+    with torch.inference_mode():
+        for batch in datamodule.test_dataloader():
+            features = patch_features(extractor, batch["image"])
+            b, _, h, w = features.shape
+            scores = nearest_distances(features.permute(0, 2, 3, 1).flatten(0, 2), bank).view(b, 1, h, w)
+            scores = F.interpolate(scores, size=eval_size, mode="bilinear", align_corners=False)
+            maps.append(gaussian_blur(scores, kernel_size=2 * math.ceil(4 * SIGMA) + 1, sigma=SIGMA))
+            batches.append({k: batch[k] for k in ("mask", "label", "has_mask")})
+    low, high = min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)
+    metrics = AnomalyMetrics()
+    for amap, batch in zip(maps, batches, strict=True):
+        metrics.update(
+            (amap - low) / max(high - low, 1e-12),
+            batch["mask"].bool(),
+            labels=batch["label"],
+            has_mask=batch["has_mask"],
+        )
+    test_s = time.perf_counter() - start
+    result = {f"test/{name}": value for name, value in metrics.compute().items()}
+    return result | {
+        "time/fit_s": fit_s,
+        "time/test_images_per_s": len(datamodule.test_dataset) / test_s,
+        "memory_bank_patches": float(len(bank)),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--json", type=Path, required=True, help="where to write the metrics")
+    parser.add_argument("--seed", type=int, default=42, help="seeds the coreset and its projection")
+    parser.add_argument("overrides", nargs="*", help="the overrides of the run to compare with (after --)")
+    args = parser.parse_args(argv)
+    torch.manual_seed(args.seed)
+    metrics = run(args.overrides, args.seed)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(metrics, indent=1))
+    print(json.dumps(metrics), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -94,6 +94,20 @@ def test_accuracy_benchmark_prints_a_row_per_case_and_threshold(tmp_path):
     }  # fmt: skip
 
 
+def test_fit_benchmark_accounts_for_the_whole_fit():
+    out = run(
+        sys.executable, "benchmarks/bench_fit.py", "--images", "20", "--epochs", "2",
+        "--", "backbone.input_size=64", "model.eval_size=64", "dataset.generated_size=64",
+        "dataset.n_test_good=2", "dataset.n_test_defect=2",
+    )  # fmt: skip
+    rows = {row[0]: float(row[1]) for row in table_rows(out, "") if row[0] not in ("stage", "---")}
+    assert len(rows) == 11 and all(seconds >= 0 for seconds in rows.values())
+    fit = rows.pop("fit (time/fit_s)")
+    assert sum(rows.values()) == pytest.approx(fit, abs=0.06)  # each row rounded to 0.01 s
+    for stage in ("feature cache fill (backbone, once)", "training backward", "validation tree-NFA level"):
+        assert rows[stage] > 0
+
+
 def test_peer_floors_measure_our_trained_model_alone(tmp_path, bench_peers):
     """bench_peers' floors on a tiny checkpoint where its run leaves one (work/ours/checkpoints, the
     ONNX export beside it); anomalib itself is not needed for them."""

@@ -289,3 +289,19 @@ def test_the_default_threshold_level_is_the_largest_significance_of_the_validati
     assert float(module.threshold.calibrated_level) == pytest.approx(largest, rel=1e-5, abs=1e-4)
     assert module.threshold.level == pytest.approx(largest, rel=1e-5, abs=1e-4)
     assert metrics["test/threshold_level"] == pytest.approx(module.threshold.level)  # the level that ran
+
+
+@pytest.mark.parametrize("limit", ["trainer.max_epochs=3", "trainer.max_steps=4"])
+def test_the_learning_rate_decays_step_by_step_over_the_whole_run(limit, tmp_path):
+    """LinearLR spans the run's optimizer steps, whichever of max_epochs and max_steps ends it: the
+    last step ends at end_factor x lr, and the logged epoch rates fall within an epoch too."""
+    root = fake_layouts.make_mvtec(tmp_path / "data", n_train=10, size=64)  # 8 train: 2 batches of 4
+    overrides = [*TINY, "dataset=mvtec", f"dataset.root={root}", "trainer.max_epochs=3", limit, "test=false"]
+    cfg = compose_train(overrides, tmp_path / "run")
+    train(cfg)
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    steps = 4 if "max_steps" in limit else 6
+    (scheduler,) = last["lr_schedulers"]
+    assert scheduler["total_iters"] == scheduler["last_epoch"] == steps
+    (group,) = last["optimizer_states"][0]["param_groups"]
+    assert group["lr"] == pytest.approx(cfg.model.optimizer.lr * cfg.model.scheduler.end_factor)

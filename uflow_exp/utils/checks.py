@@ -12,6 +12,7 @@ from uflow_exp.utils.runs import require_checkpoint
 # key -> (type, smallest value); None values are left to the defaults' meaning
 _NUMBERS = {
     "trainer.max_epochs": (int, -1),  # -1: no limit (Lightning)
+    "trainer.max_steps": (int, -1),
     "dataset.batch_size": (int, 1),
     "dataset.num_workers": (int, 0),
     "backbone.input_size": (int, 16),

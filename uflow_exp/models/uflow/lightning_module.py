@@ -38,7 +38,8 @@ class UFlowModule(L.LightningModule):
             feature_noise, train_norm_affine, map_blur_sigma}`` (keyword arguments of ``UFlow``).
         threshold: a ``_target_`` config of a ``uflow_exp.thresholds.Threshold``.
         optimizer: a ``_partial_`` optimizer config (called with the trainable parameters).
-        scheduler: a ``_partial_`` epoch-wise scheduler config, or None.
+        scheduler: a ``_partial_`` scheduler config, stepped after every optimizer step, or None; a
+            ``total_iters`` it leaves open is the run's number of optimizer steps.
         eval_size: side of the maps that metrics and thresholds see (the reference uses 256).
         metric_bins: score bins of the pixel metrics (memory stays bounded; see uflow_exp.metrics).
     """
@@ -173,7 +174,8 @@ class UFlowModule(L.LightningModule):
         amap = self.model.anomaly_map(z, self.eval_size)
         mask = self._eval_masks(batch)
         if not self.trainer.sanity_checking:  # the sanity batches would count twice after a resume
-            self.threshold.calibration_update(z, amap, mask)
+            with self.trainer.profiler.profile("threshold_calibration"):  # a no-op unless profiling
+                self.threshold.calibration_update(z, amap, mask)
         self.val_metrics.update(amap, mask, labels=batch["label"], has_mask=batch["has_mask"])
         self._val_anomalous += int(batch["label"].sum())
 
@@ -228,5 +230,10 @@ class UFlowModule(L.LightningModule):
         optimizer = hydra.utils.instantiate(self.hparams.optimizer)(params=params)
         if not self.hparams.scheduler:
             return optimizer
-        scheduler = hydra.utils.instantiate(self.hparams.scheduler)(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        build = hydra.utils.instantiate(self.hparams.scheduler)
+        spans = "total_iters" in inspect.signature(build.func).parameters and "total_iters" not in build.keywords
+        # a schedule over iterations that the config leaves open spans the run: its optimizer steps,
+        # whether max_epochs or max_steps ends it (Lightning counts them, limit_train_batches included)
+        extra = {"total_iters": int(self.trainer.estimated_stepping_batches)} if spans else {}
+        scheduler = build(optimizer=optimizer, **extra)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -35,7 +35,8 @@ class UFlowModule(L.LightningModule):
     Args:
         backbone: ``{name, input_size, pretrained, weights, layers}``.
         flow: ``{flow_steps, affine_clamp, subnet_channels_ratio, permute_soft, compile_coupling,
-            feature_noise, train_norm_affine, map_blur_sigma}`` (keyword arguments of ``UFlow``).
+            feature_noise, train_norm_affine, map_blur_sigma, position_channels, feature_pool}`` (keyword
+            arguments of ``UFlow``).
         threshold: a ``_target_`` config of a ``uflow_exp.thresholds.Threshold``.
         optimizer: a ``_partial_`` optimizer config (called with the trainable parameters).
         scheduler: a ``_partial_`` scheduler config, stepped after every optimizer step, or None; a
@@ -231,7 +232,9 @@ class UFlowModule(L.LightningModule):
         if not self.hparams.scheduler:
             return optimizer
         build = hydra.utils.instantiate(self.hparams.scheduler)
-        spans = "total_iters" in inspect.signature(build.func).parameters and "total_iters" not in build.keywords
+        spans = (
+            "total_iters" in inspect.signature(build.func).parameters and "total_iters" not in build.keywords
+        )
         # a schedule over iterations that the config leaves open spans the run: its optimizer steps,
         # whether max_epochs or max_steps ends it (Lightning counts them, limit_train_batches included)
         extra = {"total_iters": int(self.trainer.estimated_stepping_batches)} if spans else {}

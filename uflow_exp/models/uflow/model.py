@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .anomaly_map import anomaly_map
@@ -62,6 +63,9 @@ class UFlow(nn.Module):
         position_channels: condition every coupling on a positional encoding of that many channels
             (a multiple of 4; see ``position_encoding``), so the density may depend on where in the
             image a feature is, as in CFlow-AD; 0 is the reference, a position-free density.
+        feature_pool: average each normalised feature map over ``feature_pool`` x ``feature_pool``
+            neighbourhoods (stride 1, the image border not counted) before the flow, so each position
+            carries its local context, as PatchCore aggregates patches; 1 is the reference (none).
     """
 
     def __init__(
@@ -81,10 +85,14 @@ class UFlow(nn.Module):
         train_norm_affine: bool = True,
         map_blur_sigma: float = 0.0,
         position_channels: int = 0,
+        feature_pool: int = 1,
     ):
         super().__init__()
         if feature_noise < 0:
             raise ValueError(f"feature_noise must be >= 0, got {feature_noise}")
+        if feature_pool < 1 or feature_pool % 2 == 0:
+            raise ValueError(f"feature_pool must be an odd neighbourhood size >= 1, got {feature_pool}")
+        self.feature_pool = int(feature_pool)
         self.input_size = input_size
         self.feature_noise = float(feature_noise)
         self.map_blur_sigma = float(map_blur_sigma)
@@ -141,6 +149,11 @@ class UFlow(nn.Module):
         (as dequantisation does for flows on discrete data); evaluation sees the features as they are.
         """
         features = self.feature_extractor.normalize(raw_features)
+        if self.feature_pool > 1:
+            k = self.feature_pool
+            features = [
+                F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False) for f in features
+            ]
         if self.training and self.feature_noise > 0:
             features = [
                 f

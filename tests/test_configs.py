@@ -140,7 +140,10 @@ def test_the_mvtec_experiment_reads_each_categorys_published_settings(tmp_path):
     assert bottle.model.optimizer.lr == pytest.approx(1.1289990475381853e-4)
     screw = compose_train(["experiment=mvtec", "dataset.category=screw"], tmp_path)
     assert (screw.trainer.max_epochs, screw.dataset.batch_size, screw.dataset.category) == (500, 11, "screw")
-    assert "total_iters" not in screw.model.scheduler and list(screw.tags) == ["mvtec", "screw"]  # the run's steps
+    assert "total_iters" not in screw.model.scheduler and list(screw.tags) == [
+        "mvtec",
+        "screw",
+    ]  # the run's steps
     assert len(screw.mvtec_paper_settings) == 15
 
 

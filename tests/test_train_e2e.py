@@ -213,6 +213,30 @@ def test_evaluate_reproduces_the_test_metrics_of_training(tmp_path):
         assert value == pytest.approx(trained[key], rel=1e-6, nan_ok=True), key
 
 
+def test_evaluate_without_a_data_set_takes_the_checkpoints_run_and_says_so(tmp_path, caplog):
+    import shutil
+
+    from uflow_exp.tasks.evaluate import evaluate
+    from uflow_exp.utils.checks import ConfigValueError
+
+    root = fake_layouts.make_mvtec(tmp_path / "data", n_train=6, size=64)
+    data = ["dataset=mvtec", f"dataset.root={root}", "dataset.num_workers=0"]
+    trained = train(compose_train([*TINY, *data], tmp_path / "run"))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    caplog.set_level("INFO")
+    evaluated = evaluate(
+        compose_train(["logger=csv", "trainer=cpu", f"ckpt_path={ckpt}"], tmp_path / "eval", "eval")
+    )
+    assert f"data set of the checkpoint's run: mvtec (root {root}" in caplog.text
+    for key in ("test/pixel_auroc", "test/image_auroc", "test/miou"):
+        assert evaluated[key] == pytest.approx(trained[key], rel=1e-6), key
+    # a checkpoint away from its run folder: the data set must be named
+    alone = shutil.copy(ckpt, tmp_path / "alone.ckpt")
+    cfg = compose_train(["logger=csv", "trainer=cpu", f"ckpt_path={alone}"], tmp_path / "eval2", "eval")
+    with pytest.raises(ConfigValueError, match="names no data set and .*config_resolved.yaml .* is missing"):
+        evaluate(cfg)
+
+
 def test_evaluate_rethresholds_a_checkpoint_without_retraining(tmp_path):
     from uflow_exp.tasks.evaluate import evaluate
 

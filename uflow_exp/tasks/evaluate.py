@@ -10,11 +10,13 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from uflow_exp.models.uflow.lightning_module import UFlowModule
 from uflow_exp.onnx_runner import apply_backend
 from uflow_exp.utils import instantiate_dict, print_config, require_checkpoint, write_metrics
+from uflow_exp.utils.checks import ConfigValueError
+from uflow_exp.utils.runs import run_config_path
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +33,31 @@ def read_checkpoint(path: Path, trusted: bool) -> dict:
         ) from err
 
 
+def run_dataset(ckpt: Path) -> DictConfig:
+    """The data set config of the run that wrote ``ckpt`` (its ``config_resolved.yaml``), for an
+    evaluation whose command names none."""
+    config = run_config_path(ckpt)
+    dataset = OmegaConf.load(config).get("dataset") if config.is_file() else None
+    if dataset is None:
+        raise ConfigValueError(
+            f"ckpt_path={ckpt}: the command names no data set and {config} (the config of the run that "
+            "wrote the checkpoint) is missing; name one, e.g. dataset=mvtec dataset.root=... "
+            "dataset.category=..."
+        )
+    log.info(
+        "Evaluating on the data set of the checkpoint's run: %s (root %s, category %s); dataset=... "
+        "names another", dataset.get("layout"), dataset.get("root"), dataset.get("category"),
+    )  # fmt: skip
+    return dataset
+
+
 # the reference's threshold, for the authors' checkpoints when no threshold= is given
 REFERENCE_THRESHOLD = {"_target_": "uflow_exp.thresholds.NFATreeThreshold", "log_nfa_threshold": 0.0}
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Test metrics of ``cfg.ckpt_path`` on ``cfg.dataset``, thresholded with the checkpoint's mode or,
+    """Test metrics of ``cfg.ckpt_path`` on ``cfg.dataset`` (none: the data set the checkpoint's run
+    trained on), thresholded with the checkpoint's mode or,
     given ``threshold=<mode>``, with that one (a calibrated mode is calibrated on the validation split
     first); ``config_resolved.yaml`` records the threshold that ran."""
     ckpt = Path(cfg.ckpt_path)
@@ -45,6 +66,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     ours = isinstance(hparams, dict) and isinstance(hparams.get("backbone"), dict)
     override = cfg.get("threshold")
     with open_dict(cfg):
+        if cfg.get("dataset") is None:
+            cfg.dataset = run_dataset(ckpt)
         if ours:  # the data set's image and mask sizes follow the checkpoint
             cfg.backbone = hparams["backbone"]
             cfg.model.eval_size = hparams.get("eval_size")

@@ -39,10 +39,15 @@ def require_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def run_config_path(ckpt: Path) -> Path:
+    """Where the run that wrote ``<run>/checkpoints/<name>.ckpt`` keeps its resolved config."""
+    return Path(ckpt).parent.parent / "config_resolved.yaml"
+
+
 def _run_dataset(ckpt: Path) -> tuple[str | None, str | None]:
     """(dataset layout, category) of the run that wrote ``<run>/checkpoints/last.ckpt`` (runs written
     before the key was called ``layout`` call it ``name``)."""
-    config = ckpt.parent.parent / "config_resolved.yaml"
+    config = run_config_path(ckpt)
     dataset = (OmegaConf.load(config).get("dataset") or {}) if config.is_file() else {}
     return dataset.get("layout", dataset.get("name")), dataset.get("category")
 

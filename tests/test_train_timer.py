@@ -45,3 +45,24 @@ def test_images_per_second_of_the_training_loop_only(monkeypatch):
 def test_batch_images_reads_dicts_and_batch_objects():
     assert batch_images({"label": torch.zeros(3), "image": torch.zeros(3, 3, 8, 8)}) == 3
     assert batch_images(SimpleNamespace(image=torch.zeros(5, 3, 8, 8))) == 5
+
+
+def test_each_epoch_logs_one_line_with_its_losses_seconds_and_rate(monkeypatch, caplog):
+    from uflow_exp.callbacks import epoch_log
+
+    monkeypatch.setattr(epoch_log.time, "perf_counter", Clock([0.0, 4.0]))
+    trainer = SimpleNamespace(
+        is_global_zero=True, current_epoch=2, max_epochs=12,
+        callback_metrics={"train/loss": torch.tensor(-31234.56), "val/loss": torch.tensor(-2987.1)},
+    )  # fmt: skip
+    callback = epoch_log.EpochLog()
+    caplog.set_level("INFO", logger="uflow_exp")
+    callback.on_train_epoch_start(trainer, None)
+    for _ in range(3):
+        callback.on_train_batch_end(trainer, None, None, {"label": torch.zeros(4)}, 0)
+    callback.on_train_epoch_end(trainer, None)
+    line = "Epoch 3/12: train/loss -31234.6, val/loss -2987.1; 4.0 s (validation included), 3.0 training"
+    assert caplog.messages == [f"{line} images/s"]
+    trainer.is_global_zero = False  # other DDP ranks stay quiet
+    callback.on_train_epoch_end(trainer, None)
+    assert len(caplog.messages) == 1

@@ -198,3 +198,16 @@ def test_data_workers_never_outnumber_the_cores(tmp_path, monkeypatch):
     assert compose_train(["dataset=mvtec", "dataset.root=/data"], tmp_path).dataset.num_workers == 2
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert compose_train(["dataset=lgg_mri"], tmp_path).dataset.num_workers == 4
+
+
+@pytest.mark.parametrize("variable", ["RANK", "LOCAL_RANK"])
+def test_the_config_is_printed_and_saved_by_the_first_process_only(variable, tmp_path, monkeypatch, capsys):
+    from uflow_exp.utils import print_config
+
+    cfg = compose_train([], tmp_path)
+    monkeypatch.setenv(variable, "1")  # another DDP rank, started by Lightning's launcher
+    print_config(cfg, tmp_path / "other.yaml")
+    assert capsys.readouterr().out == "" and not (tmp_path / "other.yaml").exists()
+    monkeypatch.setenv(variable, "0")
+    print_config(cfg, tmp_path / "first.yaml")
+    assert "backbone" in capsys.readouterr().out and (tmp_path / "first.yaml").is_file()

@@ -65,8 +65,17 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("uflow_num_workers", _num_workers, replace=True)
 
 
+def is_rank_zero() -> bool:
+    """Whether this process is the first (or only) one: Lightning's DDP launcher starts the other ranks
+    as copies of the command with ``RANK`` / ``LOCAL_RANK`` set (read here without importing it)."""
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK"))
+
+
 def print_config(cfg: DictConfig, path: Path | None = None) -> None:
-    """Print the resolved config as a rich tree (and save it as YAML beside the run)."""
+    """Print the resolved config as a rich tree (and save it as YAML beside the run), once: not in the
+    other ranks of a multi-process run."""
+    if not is_rank_zero():
+        return
     import rich
     import rich.syntax
     import rich.tree

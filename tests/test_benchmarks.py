@@ -85,8 +85,8 @@ def test_accuracy_benchmark_prints_a_row_per_case_and_threshold(tmp_path):
     tree, block = (table_rows(out, f"brick | {mode} |") for mode in ("nfa_tree", "nfa_block"))
     assert len(block) == len(tree) == 2 and len(block[0]) == 8
     # re-thresholding the first seed's model gives what its training tested with (the default threshold)
-    assert tree[0][2:4] == [seeds[0][4], seeds[0][5]]  # mIoU and oracle mIoU
-    assert block[0][3] == seeds[0][5]  # the oracle does not depend on the threshold
+    assert tree[0][2:4] == [seeds[0][4], seeds[0][5]]  # mIoU and best single-threshold mIoU
+    assert block[0][3] == seeds[0][5]  # the best single threshold does not depend on the threshold
     # --keep: the runs stay, with the test panels to look at
     assert len(list((tmp_path / "brick" / "run_seed42" / "test_images").glob("*.png"))) >= 4
     assert {p.name for p in (tmp_path / "brick").iterdir()} == {

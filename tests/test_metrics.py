@@ -434,9 +434,10 @@ def _per_image_iou(seg: np.ndarray, gt: np.ndarray, eps: float = 1e-6) -> np.nda
 
 @pytest.mark.parametrize("seed", range(3))
 def test_metrics_equal_brute_force_on_random_data(seed):
-    """Image AUROC, pixel AUROC, mIoU, pixel F1, oracle mIoU and the detection rates of random maps,
-    masks and segmentations, fed in uneven batches, against direct computations over all pixels, images
-    and thresholds. Scores sit mid-bin, so binning loses nothing and the values must agree exactly."""
+    """Image AUROC, pixel AUROC, mIoU, pixel F1, best single-threshold mIoU and the detection rates of
+    random maps, masks and segmentations, fed in uneven batches, against direct computations over all
+    pixels, images and thresholds. Scores sit mid-bin, so binning loses nothing and the values must
+    agree exactly."""
     rng = np.random.default_rng(seed)
     n_images, side, n_bins = 13, 6, 20
     labels = np.r_[np.zeros(5, bool), np.ones(8, bool)]

@@ -45,7 +45,7 @@ METRICS = {
     "test/pixel_auroc": "pixel AUROC (%)",
     "test/pixel_aupro": "AUPRO (%)",
     "test/miou": "mIoU (%)",
-    "test/best_miou": "oracle mIoU (%)",
+    "test/best_miou": "best single-threshold mIoU (%)",
     "test/false_alarm_rate": "false alarms (%)",
     "test/detection_recall": "detection recall (%)",
 }

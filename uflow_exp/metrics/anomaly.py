@@ -13,9 +13,10 @@ from uflow_exp.metrics.segmentation import SegmentationMIoU
 
 
 class AnomalyMetrics(nn.Module):
-    """Image AUROC, pixel AUROC, pixel AUPRO@0.3, oracle mIoU and, given segmentations, mIoU, pixel F1
-    and the operating point of "any pixel detected" as an image decision: its false-alarm rate on
-    normal images, its precision and recall on anomalous ones, and the mIoU over anomalous images alone.
+    """Image AUROC, pixel AUROC, pixel AUPRO@0.3, best single-threshold mIoU and, given segmentations,
+    mIoU, pixel F1 and the operating point of "any pixel detected" as an image decision: its false-alarm
+    rate on normal images, its precision and recall on anomalous ones, and the mIoU over anomalous
+    images alone.
 
     Inputs per batch: ``anomaly_map`` (B, 1, H, W) float in [0, 1], ``gt_mask`` (B, 1, H, W) bool or 0/1 at
     the same size, ``labels`` (B,) 1 for anomalous images, optionally ``has_mask`` (B,) bool (False for an

@@ -212,7 +212,9 @@ class PixelAUPRO(_BinnedAreaMetric):
 
 
 class BestMIoU(Metric):
-    """Oracle mIoU: the best, over ``n_bins + 1`` thresholds, of the mean per-image IoU of ``map >= t``.
+    """Best single-threshold mIoU: the best, over ``n_bins + 1`` thresholds, of the mean per-image IoU
+    of ``map >= t`` (one threshold for the whole test set, chosen on its labels; a segmentation that
+    adapts per image can beat it, so it is a reference, not an oracle).
 
     The thresholds are the bin cuts ``t_k = k / n_bins``, ``k = 0 .. n_bins``; ``k = n_bins`` predicts
     nothing. Per image ``IoU = (I + eps) / (U + eps)``, so a normal image without detections scores 1.

@@ -19,8 +19,6 @@ from uflow_exp.metrics import (
     SegmentationMIoU,
 )
 
-EPS = 1e-6
-
 
 def image_labels(gt):
     """Labels of hand-made test batches: an image is anomalous where its mask has a pixel."""
@@ -94,7 +92,7 @@ def compute_quietly(metric):
 
 def test_two_region_toy_by_hand():
     scores, gt = toy_two_regions()
-    aupro, auroc, best = PixelAUPRO(n_bins=10), PixelAUROC(n_bins=10), BestMIoU(n_bins=10, eps=EPS)
+    aupro, auroc, best = PixelAUPRO(n_bins=10), PixelAUROC(n_bins=10), BestMIoU(n_bins=10)
     for metric in (aupro, auroc, best):
         metric.update(scores, gt)
     assert aupro.compute().item() == pytest.approx(17 / 24, abs=1e-12)
@@ -174,10 +172,10 @@ def test_segmentation_miou_and_f1_by_hand():
     seg[0, 0, 0, :2] = True  # I = 2, U = 4
     seg[1, 0, 2, 2] = True  # normal image, one false positive: IoU ~ 0
     # image 2: normal, nothing detected: IoU = 1
-    metrics = AnomalyMetrics(n_bins=10, eps=EPS)
+    metrics = AnomalyMetrics(n_bins=10)
     metrics.update(torch.rand(gt.shape), gt, seg, labels=image_labels(gt))
     result = compute_quietly(metrics)
-    assert result["miou"] == pytest.approx(((2 + EPS) / (4 + EPS) + EPS / (1 + EPS) + 1) / 3, abs=1e-9)
+    assert result["miou"] == pytest.approx((2 / 4 + 0 + 1) / 3, abs=1e-12)
     # Pooled: TP = 2, FP = 1, FN = 2 -> 2 * 2 / (2 * 2 + 1 + 2).
     assert result["pixel_f1"] == pytest.approx(4 / 7, abs=1e-6)
 
@@ -189,13 +187,13 @@ def test_detection_operating_point_by_hand():
     seg[0, 0, 1, 1] = True  # hit: IoU 1
     seg[1, 0, 3, 3] = True  # detected, but elsewhere: IoU ~ 0
     seg[3, 0, 0, 0] = True  # a false alarm on a normal image; images 2, 4 and 5 left clean
-    metrics = AnomalyMetrics(n_bins=10, eps=EPS)
+    metrics = AnomalyMetrics(n_bins=10)
     metrics.update(torch.rand(gt.shape), gt, seg, labels=image_labels(gt))
     result = compute_quietly(metrics)
     assert result["false_alarm_rate"] == pytest.approx(1 / 3)  # 1 of 3 normal images
     assert result["detection_recall"] == pytest.approx(2 / 3)  # 2 of 3 anomalous images
     assert result["detection_precision"] == pytest.approx(2 / 3)  # 2 of the 3 flagged images
-    assert result["miou_anomalous"] == pytest.approx((1 + EPS / (2 + EPS) + EPS / (1 + EPS)) / 3)
+    assert result["miou_anomalous"] == (1 + 0 + 0) / 3  # a missed defect scores 0 exactly
     # Undefined rates are NaN, not a convention: no detections at all, no normal images.
     empty = AnomalyMetrics(n_bins=10)
     empty.update(torch.rand(3, 1, 4, 4), gt[:3], torch.zeros_like(gt[:3]), labels=image_labels(gt[:3]))
@@ -426,10 +424,10 @@ def _mann_whitney(scores: np.ndarray, positive: np.ndarray) -> float:
     return wins / (len(pos) * len(neg))
 
 
-def _per_image_iou(seg: np.ndarray, gt: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+def _per_image_iou(seg: np.ndarray, gt: np.ndarray) -> np.ndarray:
     inter = (seg & gt).reshape(len(seg), -1).sum(1)
     union = (seg | gt).reshape(len(seg), -1).sum(1)
-    return (inter + eps) / (union + eps)
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -36,21 +36,20 @@ class AnomalyMetrics(nn.Module):
         self,
         n_bins: int = DEFAULT_N_BINS,
         max_fpr: float = 0.3,
-        eps: float = 1e-6,
         warn_bound: float = DEFAULT_WARN_BOUND,
     ) -> None:
         super().__init__()
         self.image_auroc = ImageAUROC()
         self.pixel_auroc = PixelAUROC(n_bins, warn_bound=warn_bound)
         self.pixel_aupro = PixelAUPRO(n_bins, max_fpr=max_fpr, warn_bound=warn_bound)
-        self.best_miou = BestMIoU(n_bins, eps=eps)
-        self.miou = SegmentationMIoU(eps=eps)
+        self.best_miou = BestMIoU(n_bins)
+        self.miou = SegmentationMIoU()
         # F1 = 2TP / (2TP + FP + FN) is 0/0 when nothing is anomalous and nothing is detected; scoring that
         # perfect agreement 1 matches the mIoU convention.
         self.pixel_f1 = BinaryF1Score(zero_division=1, validate_args=False)
         # an image is called anomalous when any of its pixels is detected; counted over every image's label
         self.detection = BinaryStatScores(validate_args=False)
-        self.miou_anomalous = SegmentationMIoU(eps=eps)
+        self.miou_anomalous = SegmentationMIoU()
         # anomalous images with and without a mask: when none has one, pixel metrics measure nothing
         self.masked_anomalous = SumMetric()
         self.unmasked_anomalous = SumMetric()

@@ -28,6 +28,7 @@ from uflow_exp.metrics._common import (
     pixel_histogram,
     warn_undefined,
 )
+from uflow_exp.metrics.segmentation import iou
 
 DEFAULT_N_BINS = 10_000
 DEFAULT_WARN_BOUND = 1e-3
@@ -217,7 +218,7 @@ class BestMIoU(Metric):
     adapts per image can beat it, so it is a reference, not an oracle).
 
     The thresholds are the bin cuts ``t_k = k / n_bins``, ``k = 0 .. n_bins``; ``k = n_bins`` predicts
-    nothing. Per image ``IoU = (I + eps) / (U + eps)``, so a normal image without detections scores 1.
+    nothing. Per image ``IoU = I / U``, and 1 where the union is empty (see ``iou``).
     The optimum is over this grid only: an unbinned search could do better by at most the gain available
     from moving the threshold within one bin. State: ``n_bins + 2`` numbers.
     """
@@ -228,12 +229,11 @@ class BestMIoU(Metric):
     plot_lower_bound = 0.0
     plot_upper_bound = 1.0
 
-    def __init__(self, n_bins: int = DEFAULT_N_BINS, eps: float = 1e-6, **kwargs) -> None:
+    def __init__(self, n_bins: int = DEFAULT_N_BINS, **kwargs) -> None:
         super().__init__(**kwargs)
         if n_bins < 1:
             raise ValueError(f"n_bins must be positive, got {n_bins}")
         self.n_bins = n_bins
-        self.eps = eps
         self.add_state("iou_sum", torch.zeros(n_bins + 1, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("n_images", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
@@ -248,8 +248,7 @@ class BestMIoU(Metric):
         at_or_above = torch.cat([at_or_above, at_or_above.new_zeros(batch, 2, 1)], dim=-1).double()
         false_pos, true_pos = at_or_above[:, 0], at_or_above[:, 1]
         n_anomalous = true_pos[:, :1]
-        iou = (true_pos + self.eps) / (n_anomalous + false_pos + self.eps)
-        self.iou_sum += iou.sum(dim=0)
+        self.iou_sum += iou(true_pos, n_anomalous + false_pos).sum(dim=0)
         self.n_images += batch
 
     def compute(self) -> Tensor:

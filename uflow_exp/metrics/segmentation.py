@@ -7,11 +7,16 @@ from torch import Tensor
 from torchmetrics import Metric
 
 
-class SegmentationMIoU(Metric):
-    """Mean over images of ``(I + eps) / (U + eps)`` between a binary segmentation and the ground truth.
+def iou(intersection: Tensor, union: Tensor) -> Tensor:
+    """``intersection / union`` per image, and 1 where the union is empty (nothing to find, nothing
+    flagged): a normal image left alone scores 1, a normal image with any detection 0, exactly."""
+    return torch.where(union > 0, intersection / union.clamp_min(1), torch.ones_like(union))
 
-    The ``eps`` makes a normal image without detections score 1 and a normal image with any detection score
-    about 0. Written here because torchmetrics' ``MeanIoU`` skips images whose union is empty instead of
+
+class SegmentationMIoU(Metric):
+    """Mean over images of the IoU (``iou``) between a binary segmentation and the ground truth.
+
+    Written here because torchmetrics' ``MeanIoU`` skips images whose union is empty instead of
     scoring them 1, which would hide how well the segmentation leaves normal images alone.
     """
 
@@ -21,9 +26,8 @@ class SegmentationMIoU(Metric):
     plot_lower_bound = 0.0
     plot_upper_bound = 1.0
 
-    def __init__(self, eps: float = 1e-6, **kwargs) -> None:
+    def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.eps = eps
         self.add_state("iou_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("n_images", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
@@ -35,7 +39,7 @@ class SegmentationMIoU(Metric):
         seg, gt = segmentation.flatten(1).bool(), gt_mask.flatten(1).bool()
         intersection = (seg & gt).sum(dim=1).double()
         union = (seg | gt).sum(dim=1).double()
-        self.iou_sum += ((intersection + self.eps) / (union + self.eps)).sum()
+        self.iou_sum += iou(intersection, union).sum()
         self.n_images += seg.shape[0]
 
     def compute(self) -> Tensor:

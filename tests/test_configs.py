@@ -211,3 +211,15 @@ def test_the_config_is_printed_and_saved_by_the_first_process_only(variable, tmp
     monkeypatch.setenv(variable, "0")
     print_config(cfg, tmp_path / "first.yaml")
     assert "backbone" in capsys.readouterr().out and (tmp_path / "first.yaml").is_file()
+
+
+def test_help_names_the_command_and_lists_only_real_options():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "uflow_exp", "--help"], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert out.startswith("uflow_exp (train) is powered by Hydra") and "__main__" not in out
+    (datasets,) = [line for line in out.splitlines() if line.startswith("dataset: ")]
+    assert datasets == "dataset: btad, folder, lgg_mri, mvtec, stc, textures"

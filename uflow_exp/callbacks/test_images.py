@@ -10,7 +10,15 @@ from lightning.pytorch.loggers import WandbLogger
 
 
 def render_panel(image, mask, amap, segmentation, title: str, path: Path) -> None:
-    """One row: image | ground truth | anomaly map (with colour bar) | automatic segmentation."""
+    """Save `panel_figure` as ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    panel_figure(image, mask, amap, segmentation, title).savefig(path, dpi=80)
+
+
+def panel_figure(image, mask, amap, segmentation, title: str):
+    """One row: image | ground truth | anomaly map (with colour bar) | automatic segmentation. ``mask``
+    None: an anomalous image labelled without a mask, drawn grey and said so (black would read "no
+    defect")."""
     # A bare Figure (no pyplot): rendering must not switch the backend of a notebook or GUI session.
     from matplotlib.figure import Figure
 
@@ -21,7 +29,13 @@ def render_panel(image, mask, amap, segmentation, title: str, path: Path) -> Non
     axes = fig.subplots(1, 4)
     panels = [
         (image.permute(1, 2, 0).numpy(), "image", {}),
-        (mask.numpy(), "ground truth", {"cmap": "gray", "vmin": 0, "vmax": 1}),
+        (
+            amap.new_full(amap.shape, 0.5).numpy(),
+            "no mask (labelled anomalous)",
+            {"cmap": "gray", "vmin": 0, "vmax": 1},
+        )
+        if mask is None
+        else (mask.numpy(), "ground truth", {"cmap": "gray", "vmin": 0, "vmax": 1}),
         (amap.numpy(), "anomaly map", {"cmap": "jet", "vmin": 0, "vmax": 1}),
         (segmentation.numpy(), "automatic mask", {"cmap": "gray", "vmin": 0, "vmax": 1}),
     ]
@@ -32,8 +46,7 @@ def render_panel(image, mask, amap, segmentation, title: str, path: Path) -> Non
         if name == "anomaly map":
             fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(title, fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    return fig
 
 
 class TestImageLogger(L.Callback):
@@ -64,7 +77,7 @@ class TestImageLogger(L.Callback):
             kept.append(
                 {
                     "image": images[i].clamp(0, 1).cpu(),
-                    "mask": outputs["mask"][i, 0].float().cpu(),
+                    "mask": outputs["mask"][i, 0].float().cpu() if batch["has_mask"][i] else None,
                     "amap": outputs["anomaly_map"][i, 0].float().cpu(),
                     "segmentation": outputs["segmentation"][i, 0].float().cpu(),
                     "path": batch["path"][i],
@@ -83,20 +96,26 @@ class TestImageLogger(L.Callback):
 
     def _render(self, trainer, curves: dict) -> None:
         chosen = self._chosen()
-        paths = []
+        panels = []
         for index, sample in enumerate(chosen):
             path = self.output_dir / f"{index:03d}_{Path(sample['path']).stem}.png"
             render_panel(
                 sample["image"], sample["mask"], sample["amap"], sample["segmentation"], sample["path"], path
             )
-            paths.append(path)
-        captions = [s["path"] for s in chosen]
-        if curves:
-            paths.append(render_curves(curves, self.output_dir / "curves.png"))
-            captions.append("pixel ROC and PRO curves")
+            panels.append(path)
+        curve_plot = render_curves(curves, self.output_dir / "curves.png") if curves else None
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger) and paths:
-                logger.log_image(key="test/examples", images=[str(p) for p in paths], caption=captions)
+            if not isinstance(logger, WandbLogger):
+                continue
+            # one key per kind of image: W&B shows the images of a key at one size
+            if panels:
+                logger.log_image(
+                    key="test/examples", images=[str(p) for p in panels], caption=[s["path"] for s in chosen]
+                )
+            if curve_plot is not None:
+                logger.log_image(
+                    key="test/curves", images=[str(curve_plot)], caption=["pixel ROC and PRO curves"]
+                )
 
 
 def render_curves(curves: dict, path: Path, max_fpr: float = 0.3) -> Path:

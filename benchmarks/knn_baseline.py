@@ -39,7 +39,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 from uflow_exp.metrics import AnomalyMetrics
 from uflow_exp.models.uflow.feature_extraction import build_feature_extractor
-from uflow_exp.utils import CONFIG_DIR, register_resolvers
+from uflow_exp.utils import CONFIG_DIR
 
 LEVELS = [2, 3]  # timm feature levels: strides 8 and 16
 CORESET_RATIO = 0.1
@@ -96,7 +96,6 @@ def nearest_distances(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor
 
 
 def compose_run(overrides: list[str]):
-    register_resolvers()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose("train", overrides=overrides)
 

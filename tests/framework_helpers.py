@@ -7,9 +7,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from uflow_exp.utils import CONFIG_DIR, register_resolvers
-
-register_resolvers()
+from uflow_exp.utils import CONFIG_DIR
 
 # A small random-weight backbone at 64 px, one epoch, CSV logging: seconds per run.
 TINY = [

@@ -223,3 +223,21 @@ def test_help_names_the_command_and_lists_only_real_options():
     assert out.startswith("uflow_exp (train) is powered by Hydra") and "__main__" not in out
     (datasets,) = [line for line in out.splitlines() if line.startswith("dataset: ")]
     assert datasets == "dataset: btad, folder, lgg_mri, mvtec, stc, textures"
+
+
+def test_the_configs_resolve_in_a_fresh_process_that_only_imports_the_config_dir():
+    """tests/test_data.py once failed alone: the resolvers were registered by another module's import."""
+    import subprocess
+    import sys
+
+    code = (
+        "from hydra import compose, initialize_config_dir\n"
+        "from omegaconf import OmegaConf\n"
+        "from uflow_exp.utils import CONFIG_DIR\n"
+        "with initialize_config_dir(config_dir=CONFIG_DIR, version_base='1.3'):\n"
+        "    cfg = compose('train', overrides=['dataset=folder', 'dataset.root=x'])\n"
+        "print(OmegaConf.to_container(cfg.dataset, resolve=True)['num_workers'])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout) >= 0

@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,14 +40,14 @@ from uflow_exp.data import (
 )
 from uflow_exp.data import stc as stc_layout
 from uflow_exp.data.textures import generate
+from uflow_exp.utils import CONFIG_DIR
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
 SIZE = 64  # the backbone.input_size the configs are composed with
 
 
 def datamodule(name: str, **overrides) -> AnomalyDataModule:
     """Compose conf/dataset/<name>.yaml (on its shared base) with Hydra and instantiate it."""
-    with initialize_config_dir(config_dir=str(CONF.parent), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(
             "train", overrides=[f"dataset={name}", f"backbone.input_size={SIZE}", f"model.eval_size={SIZE}"]
         )
@@ -272,6 +271,21 @@ def test_folder_with_one_subfolder_per_defect_type(tmp_path, mask_layout):
     bare = ready("folder", root=str(root))  # no masks: image-level labels for every defect type
     assert sum(r.label for r in bare.test_dataset.records) == 4
     assert all(r.mask is None for r in bare.test_dataset.records)
+
+
+def test_an_mvtec_like_tree_as_a_folder_labels_each_image_once(tmp_path, caplog):
+    """normal_test_dir=test/good inside abnormal_dir=test: test/good is no defect type."""
+    root = make_mvtec(tmp_path, n_train=4, n_test_good=3, n_test_defect=2) / "bottle"
+    caplog.set_level(logging.INFO)
+    dm = ready(
+        "folder", root=str(root), normal_dir="train/good", normal_test_dir="test/good", abnormal_dir="test"
+    )
+    assert labels(dm.test_dataset) == [0, 0, 0, 1, 1]
+    assert (
+        "normal_test_dir=test/good lies inside abnormal_dir; its images count as normal only" in caplog.text
+    )
+    with pytest.raises(DatasetError, match="normal_test_dir=test and abnormal_dir are the same folder"):
+        ready("folder", root=str(root), normal_dir="train/good", normal_test_dir="test", abnormal_dir="test")
 
 
 def test_mvtec_without_ground_truth_has_image_labels_only(tmp_path):

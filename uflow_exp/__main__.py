@@ -8,11 +8,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from uflow_exp.utils import CONFIG_DIR, quiet_expected_warnings, register_resolvers, run_task
+from uflow_exp.utils import CONFIG_DIR, quiet_expected_warnings, run_task
 from uflow_exp.utils.runs import route_lightning_logs
 
 log = logging.getLogger("uflow_exp")
-register_resolvers()
 quiet_expected_warnings()
 
 

@@ -3,9 +3,8 @@
 import hydra
 from omegaconf import DictConfig
 
-from uflow_exp.utils import CONFIG_DIR, quiet_expected_warnings, register_resolvers, run_task
+from uflow_exp.utils import CONFIG_DIR, quiet_expected_warnings, run_task
 
-register_resolvers()
 quiet_expected_warnings()
 
 

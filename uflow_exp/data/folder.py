@@ -28,6 +28,27 @@ EXPECTED = (
 )
 
 
+def _normal_folders(root: Path, abnormal: Path, normal_dir: str, normal_test_dir: str | None) -> set[Path]:
+    """The normal folders, resolved; refuses an abnormal_dir that is one of them. A normal folder inside
+    abnormal_dir (``normal_test_dir=test/good abnormal_dir=test``, as an MVTec-like tree invites) is
+    not a defect type: its images count once, as normal, and the log says so."""
+    named = {"normal_dir": normal_dir} | (
+        {} if normal_test_dir is None else {"normal_test_dir": normal_test_dir}
+    )
+    folders = {}
+    for key, name in named.items():
+        folder = (root / name).resolve()
+        if folder == abnormal.resolve():
+            raise DatasetError(
+                f"folder: {key}={name} and abnormal_dir are the same folder ({folder}); its images would be "
+                "labelled both normal and anomalous. Point them at different folders."
+            )
+        if folder.parent == abnormal.resolve():
+            log.info("folder: %s=%s lies inside abnormal_dir; its images count as normal only", key, name)
+        folders[folder] = key
+    return set(folders)
+
+
 def find_records(
     ctx: LayoutContext,
     normal_dir: str = "normal",
@@ -46,9 +67,14 @@ def find_records(
         train = normal
         normal_test = normal_records(list_images(require_dir(root / normal_test_dir, "folder", EXPECTED)))
     abnormal_folder = require_dir(root / abnormal_dir, "folder", EXPECTED)
+    normal_folders = _normal_folders(root, abnormal_folder, normal_dir, normal_test_dir)
     # one folder of anomalous images, or one subfolder per defect type (as MVTec AD has)
     masks = None if mask_dir is None else require_dir(root / mask_dir, "folder", EXPECTED)
-    subfolders = [p for p in abnormal_folder.iterdir() if p.is_dir() and (masks is None or p != masks)]
+    subfolders = [
+        p
+        for p in abnormal_folder.iterdir()
+        if p.is_dir() and (masks is None or p != masks) and p.resolve() not in normal_folders
+    ]
     groups = [Path()] + sorted(p.relative_to(abnormal_folder) for p in subfolders)
     if masks is None:
         log.info("folder: no mask_dir, so the anomalous images have image-level labels only")

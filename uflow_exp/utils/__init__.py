@@ -1,6 +1,6 @@
 """Helpers shared by the tasks: resolvers, instantiation, config printing, run bookkeeping."""
 
-from uflow_exp.utils.config import CONFIG_DIR, print_config, quiet_expected_warnings, register_resolvers
+from uflow_exp.utils.config import CONFIG_DIR, print_config, quiet_expected_warnings
 from uflow_exp.utils.runs import (
     find_last_checkpoint,
     instantiate_dict,
@@ -15,7 +15,6 @@ __all__ = [
     "instantiate_dict",
     "print_config",
     "quiet_expected_warnings",
-    "register_resolvers",
     "require_checkpoint",
     "run_task",
     "write_metrics",

@@ -58,11 +58,16 @@ def _job_overrides() -> str:
     return f"-{hydra_cfg.job.num} {' '.join(shown)}"[:120].rstrip()
 
 
-def register_resolvers() -> None:
+def _register_resolvers() -> None:
+    """The ``uflow_*`` resolvers the configs use; registered when this module is imported (so anything
+    that composes the configs from ``CONFIG_DIR`` resolves them)."""
     OmegaConf.register_new_resolver("uflow_wandb_offline", _wandb_offline, replace=True)
     OmegaConf.register_new_resolver("uflow_sweep_group", _sweep_group, replace=True)
     OmegaConf.register_new_resolver("uflow_job_overrides", _job_overrides, replace=True)
     OmegaConf.register_new_resolver("uflow_num_workers", _num_workers, replace=True)
+
+
+_register_resolvers()
 
 
 def is_rank_zero() -> bool:

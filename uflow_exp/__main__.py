@@ -17,15 +17,24 @@ quiet_expected_warnings()
 
 def checked_train(cfg: DictConfig) -> dict[str, float]:
     """Check the config's values and list the data set's files first, with light imports, so that a
-    wrong value, root or layout fails in about a second; only then load torch and Lightning and train."""
+    wrong value, root or layout fails in about a second; then the accelerator, the backbone's feature
+    levels and whether its weights can be had (torch and timm, seconds); only then load Lightning and
+    train."""
     from uflow_exp.data.layouts import preflight
-    from uflow_exp.utils.checks import check_run_config
+    from uflow_exp.utils.checks import check_accelerator, check_run_config
 
     check_run_config(cfg)
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     for key in OmegaConf.missing_keys(cfg.dataset):  # `root: ???` not given: the layout says so
         dataset[key.removeprefix("dataset.")] = None
     preflight(dataset)
+    check_accelerator(cfg)
+    from uflow_exp.models.uflow.feature_extraction import check_backbone
+
+    backbone = cfg.backbone
+    check_backbone(
+        backbone.name, backbone.get("layers"), backbone.get("pretrained", True), backbone.get("weights")
+    )
     from uflow_exp.tasks.train import train
 
     route_lightning_logs()  # Lightning is loaded only now: its own console handlers go now

@@ -48,3 +48,20 @@ def check_run_config(cfg: DictConfig) -> None:
     ckpt = cfg.get("ckpt_path")
     if ckpt not in (None, "last"):
         require_checkpoint(ckpt)
+
+
+def check_accelerator(cfg: DictConfig) -> None:
+    """A GPU run on a machine without one fails here, in a second, rather than inside Lightning."""
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator", default="auto")
+    if accelerator not in ("gpu", "cuda"):
+        return
+    import torch
+
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    devices = OmegaConf.select(cfg, "trainer.devices", default=1)
+    wanted = devices if isinstance(devices, int) and devices > 0 else 1
+    if available < wanted:
+        raise ConfigValueError(
+            f"trainer.accelerator={accelerator} with trainer.devices={devices}: {available} CUDA device(s) "
+            "visible here; use trainer=cpu (or trainer=default, which picks what there is)"
+        )

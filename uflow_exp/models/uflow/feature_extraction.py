@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from uflow_exp.utils.checks import ConfigValueError
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -109,6 +111,73 @@ def efficientnet_lite0_package_state_dict() -> dict[str, torch.Tensor]:
             )
         renamed[dst_key] = tensor
     return renamed
+
+
+def _cached_weights(model: str) -> str | None:
+    """Where timm would find ``model``'s pretrained weights without downloading (the Hugging Face hub
+    cache or torch.hub's checkpoints folder), or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    config = timm.models.get_pretrained_cfg(model)
+    if config is None:
+        return None
+    if config.hf_hub_id:
+        for filename in (config.hf_hub_filename, "model.safetensors", "pytorch_model.bin"):
+            found = filename and try_to_load_from_cache(config.hf_hub_id, filename)
+            if isinstance(found, str):
+                return found
+    if config.url:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(config.url).name
+        if path.is_file():
+            return str(path)
+    return None
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached (offline mode, no route), or None when it answers."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError as err:
+        return f"{constants.ENDPOINT} does not answer ({err})"
+    return None
+
+
+def check_backbone(backbone: str, layers: Sequence[int] | None, pretrained: bool, weights) -> None:
+    """What would otherwise fail only after minutes, checked in seconds before any data or model is
+    built: feature levels the backbone does not have, and ImageNet weights that are neither cached
+    nor downloadable (no network). Raises ``BackboneWeightsError`` or ``ConfigValueError``: one line."""
+    models = MCAIT_MODELS if backbone == "mcait" else (TIMM_ALIASES.get(backbone, backbone),)
+    if not timm.is_model(models[0]):
+        raise ConfigValueError(
+            f"unknown backbone '{backbone}': use mcait, resnet18, wide_resnet50_2, efficientnet_lite0 "
+            "or any timm model name that supports features_only"
+        )
+    if layers is not None and backbone != "mcait":
+        info = timm.create_model(models[0], features_only=True, pretrained=False).feature_info
+        strides = info.reduction()
+        bad = [level for level in layers if not 0 <= level < len(strides)]
+        if bad:
+            levels = ", ".join(f"{i} (stride {s})" for i, s in enumerate(strides))
+            raise ConfigValueError(f"backbone.layers={list(layers)}: {backbone} has feature levels {levels}")
+    if not pretrained or weights is not None or backbone == "efficientnet_lite0":
+        return
+    missing = [model for model in models if _cached_weights(model) is None]
+    why = hub_unreachable() if missing else None
+    if why:
+        raise BackboneWeightsError(
+            f"backbone={backbone} with backbone.pretrained=true needs the ImageNet weights of "
+            f"{', '.join(missing)}, which are not cached here, and {why}. Give local files "
+            "(backbone.weights=...), use backbone=efficientnet_lite0 (its weights ship offline) or "
+            "backbone.pretrained=false (random weights, for tests)"
+        )
 
 
 def _create_timm(

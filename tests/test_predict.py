@@ -170,8 +170,15 @@ def test_threshold_override_applies_another_nfa_mode(checkpoint, inputs, tmp_pat
     assert [r["max_neg_log10_nfa"] for r in tree] != [r["max_neg_log10_nfa"] for r in block]
     resolved = (tmp_path / "block" / "run" / "config_resolved.yaml").read_text()
     assert "NFABlockThreshold" in resolved
-    with pytest.raises(ValueError, match="must be calibrated on held-out images"):
+    from uflow_exp.utils.checks import ConfigValueError
+
+    with pytest.raises(ConfigValueError, match="must be calibrated on held-out images"):
         _predict(checkpoint, inputs, tmp_path / "quantile", "threshold=normal_quantile")
+    # refused before the checkpoint (or anything else) is read
+    with pytest.raises(ConfigValueError, match="must be calibrated on held-out images"):
+        _predict(
+            tmp_path / "no.ckpt", tmp_path / "no_input", tmp_path / "quantile", "threshold=normal_quantile"
+        )
 
 
 def _predict_ok(ckpt: Path, input_: Path, out: Path, *extra: str) -> Path:

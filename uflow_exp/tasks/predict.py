@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import hydra
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from uflow_exp.data.records import IMAGE_SUFFIXES, list_images, natural_key
 from uflow_exp.models.uflow.lightning_module import UFlowModule
 from uflow_exp.onnx_runner import apply_backend
 from uflow_exp.utils import print_config, require_checkpoint
+from uflow_exp.utils.checks import ConfigValueError
 
 log = logging.getLogger(__name__)
 
@@ -192,18 +194,22 @@ class _Writer:
         image.save(self._target(kind, name, suffix))
 
 
+def refuse_uncalibrated(threshold: DictConfig | None) -> None:
+    """A ``threshold=`` mode that needs calibration is refused before anything loads."""
+    if threshold and hydra.utils.instantiate(threshold).needs_calibration:
+        raise ConfigValueError(
+            f"threshold={threshold['_target_']} must be calibrated on held-out images, which "
+            "predict does not have: run `python -m uflow_exp.evaluate ckpt_path=... threshold=...` "
+            "on the data set, or predict with an NFA mode at its uncalibrated level "
+            "(threshold=nfa_block, or threshold=nfa_tree threshold.calibrate_on_normal=false)"
+        )
+
+
 def _load_module(ckpt: Path, threshold: DictConfig | None, device: torch.device) -> UFlowModule:
     """The checkpoint's module in eval mode, with ``threshold`` (a config) in place of its own."""
     module = UFlowModule.from_checkpoint(str(ckpt), map_location=device).eval()
     if threshold:
         module.replace_threshold(threshold)
-        if module.threshold.needs_calibration:
-            raise ValueError(
-                f"threshold={threshold['_target_']} must be calibrated on held-out images, which "
-                "predict does not have: run `python -m uflow_exp.evaluate ckpt_path=... threshold=...` "
-                "on the data set, or predict with an NFA mode at its uncalibrated level "
-                "(threshold=nfa_block, or threshold=nfa_tree threshold.calibrate_on_normal=false)"
-            )
     log.info(
         "Threshold %s: %s > %.4g",
         type(module.threshold).__name__,
@@ -217,6 +223,7 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     """Returns ``{"images": predicted, "failed": unreadable}``; each failure is logged by name."""
     if cfg.raw_map not in RAW_MAPS:
         raise ValueError(f"raw_map must be one of {RAW_MAPS}, got {cfg.raw_map!r}")
+    refuse_uncalibrated(cfg.get("threshold"))
     ckpt, files, device = require_checkpoint(cfg.ckpt_path), find_inputs(str(cfg.input)), _device(cfg.device)
     names, output = output_names(files), Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)

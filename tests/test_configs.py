@@ -241,3 +241,19 @@ def test_the_configs_resolve_in_a_fresh_process_that_only_imports_the_config_dir
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     assert int(done.stdout) >= 0
+
+
+def test_a_single_run_that_neither_trains_nor_tests_logs_no_error(tmp_path):
+    """The ERROR about the optimised metric is for sweepers; a single run returns nothing to one."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "uflow_exp", "train=false", "test=false", "logger=csv",
+         "backbone.pretrained=false", f"paths.log_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}",
+         f"dataset.cache_dir={tmp_path / 'data'}", "dataset.n_train=4", "dataset.n_test_good=1",
+         "dataset.n_test_defect=1"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ERROR" not in done.stdout + done.stderr

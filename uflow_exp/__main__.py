@@ -43,9 +43,10 @@ def checked_train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = run_task(checked_train, cfg, multirun=HydraConfig.get().mode == RunMode.MULTIRUN)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    metrics = run_task(checked_train, cfg, multirun=multirun)
     name = cfg.get("optimized_metric")
-    if not name:
+    if not name or not multirun:  # only a sweeper reads the returned value
         return None
     value = metrics.get(name)
     if value is None or not math.isfinite(value):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -108,7 +109,16 @@ def run_baseline(overrides: list[str], log_dir: Path, seed: int) -> dict[str, fl
     out = log_dir / "baseline.json"
     command = [sys.executable, str(ROOT / "benchmarks" / "knn_baseline.py"), "--json", str(out), "--seed",
                str(seed), "--", *overrides]  # fmt: skip
-    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # this checkout's package first, as `python -m uflow_exp` from ROOT has it (a script's path is its folder)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    done = subprocess.run(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    if done.returncode:
+        raise RuntimeError(f"the baseline failed ({' '.join(command)}):\n{done.stderr[-3000:]}")
     return json.loads(out.read_text())
 
 

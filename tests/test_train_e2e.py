@@ -329,3 +329,37 @@ def test_the_learning_rate_decays_step_by_step_over_the_whole_run(limit, tmp_pat
     assert scheduler["total_iters"] == scheduler["last_epoch"] == steps
     (group,) = last["optimizer_states"][0]["param_groups"]
     assert group["lr"] == pytest.approx(cfg.model.optimizer.lr * cfg.model.scheduler.end_factor)
+
+
+def test_logged_hyperparameters_are_the_run_config_nested_with_the_runs_seed(tmp_path):
+    """Lightning flattened the data module's and model's arguments beside the run config: the data
+    split's seed (0) replaced the run's seed (42) at the top of the W&B / CSV record."""
+    import yaml
+
+    root = fake_layouts.make_mvtec(tmp_path / "data", n_train=6, size=64)
+    train(compose_train([*TINY, "dataset=mvtec", f"dataset.root={root}", "test=false"], tmp_path / "run"))
+    (hparams,) = (tmp_path / "run").rglob("hparams.yaml")
+    logged = yaml.safe_load(hparams.read_text())
+    assert logged["seed"] == 42 and logged["dataset"]["seed"] == 0
+    assert not {"batch_size", "root", "backbone_name", "metric_bins", "eval_size"} & set(logged)
+
+
+def test_a_resumed_run_records_its_checkpoint_and_continues_its_wandb_run(tmp_path):
+    from omegaconf import OmegaConf
+
+    from uflow_exp.tasks.train import continue_records
+
+    run = tmp_path / "run"
+    import os
+
+    old = run / "wandb" / "offline-run-20261205_080000-old111"
+    old.mkdir(parents=True)
+    (run / "wandb" / "offline-run-20261205_090000-abc123").mkdir()
+    os.utime(old, (1e9, 1e9))  # the interrupted run's first W&B folder is the older
+    cfg = OmegaConf.create({"ckpt_path": "last", "logger": {"wandb": {"project": "p"}}})
+    continue_records(cfg, str(run / "checkpoints" / "last.ckpt"), run)
+    assert cfg.ckpt_path == str(run / "checkpoints" / "last.ckpt")
+    assert (cfg.logger.wandb.id, cfg.logger.wandb.resume) == ("abc123", "allow")
+    csv_only = OmegaConf.create({"ckpt_path": "last", "logger": {"csv": {}}})
+    continue_records(csv_only, "x.ckpt", run)
+    assert csv_only.ckpt_path == "x.ckpt" and "wandb" not in csv_only.logger

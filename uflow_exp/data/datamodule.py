@@ -101,7 +101,9 @@ class AnomalyDataModule(L.LightningDataModule):
             raise DatasetError(f"val_fraction must be in (0, 1) with val_split=train, got {val_fraction}")
         FileProblems(on_bad_file)  # rejects an unknown mode now rather than at setup
         check_options(layout, options)
-        self.save_hyperparameters()
+        # not logged: Lightning would flatten them to the top of the run's logged config, where the
+        # data split's `seed` replaced the run's seed (the task logs the whole config, nested)
+        self.save_hyperparameters(logger=False)
         self.layout = layout
         self.root = None if root is None else Path(root)
         self.category = category

@@ -122,6 +122,24 @@ def cache_features(
     datamodule.serve_features(cache)
 
 
+def wandb_run_id(run_dir: Path) -> str | None:
+    """The id of the newest W&B run logged in ``run_dir`` (``wandb/[offline-]run-<time>-<id>``), or None."""
+    runs = sorted((p for p in (run_dir / "wandb").glob("*run-*-*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    return runs[-1].name.rsplit("-", 1)[1] if runs else None
+
+
+def continue_records(cfg: DictConfig, ckpt_path: str, run_dir: Path | None) -> None:
+    """What a resumed run records: the checkpoint file it resumed from (not ``last``) and, when the
+    interrupted run logged to W&B, the same W&B run (its id, resumed), so the history stays one run."""
+    with open_dict(cfg):
+        cfg.ckpt_path = ckpt_path
+        wandb = (cfg.get("logger") or {}).get("wandb")
+        run_id = wandb_run_id(run_dir) if wandb is not None and run_dir is not None else None
+        if run_id is not None:
+            log.info("Resuming W&B run %s", run_id)
+            wandb.id, wandb.resume = run_id, "allow"
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resolve_ckpt_path(cfg)
     run_dir = interrupted_run_dir(ckpt_path)
@@ -131,6 +149,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("Resuming the run in %s: its checkpoints, metrics and test images continue there", run_dir)
         with open_dict(cfg):
             cfg.paths.output_dir = str(run_dir)
+    if ckpt_path is not None:
+        continue_records(cfg, ckpt_path, run_dir)
     output_dir = Path(cfg.paths.output_dir)
     print_config(cfg, output_dir / "config_resolved.yaml")
     if cfg.get("seed") is not None:

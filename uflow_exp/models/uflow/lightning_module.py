@@ -65,7 +65,9 @@ class UFlowModule(L.LightningModule):
                 "scheduler": _plain(scheduler),
                 "eval_size": eval_size,
                 "metric_bins": metric_bins,
-            }
+            },
+            # the task logs the whole run config, nested; Lightning would flatten these beside it
+            logger=False,
         )
         hp = self.hparams
         self.model = UFlow.from_config(hp.backbone, hp.flow)

@@ -243,3 +243,16 @@ def test_wandb_table_offline(mvtec_sweep: Path, tmp_path: Path, monkeypatch: pyt
     summarize(mvtec_sweep, tmp_path, use_wandb=True)
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
     assert list(run_dir.glob("*.wandb"))
+
+
+def test_chart_labels_name_the_swept_value_of_each_job():
+    from uflow_exp.summarize import Row, _chart_labels
+
+    rows = [
+        Row(job="0", dataset="textures", category="brick", overrides="model.optimizer.lr=0.001"),
+        Row(job="1", dataset="textures", category="brick", overrides="model.optimizer.lr=0.002"),
+        Row(job="2", dataset="textures", category="brick"),  # the same settings twice (a seed sweep)
+        Row(job="3", dataset="textures", category="brick"),
+        Row(job="mean", is_mean=True),
+    ]
+    assert _chart_labels(rows) == ["brick lr=0.001", "brick lr=0.002", "brick #2", "brick #3", "mean"]

@@ -262,11 +262,25 @@ def _chart_labels(rows: Sequence[Row]) -> list[str]:
         if many_backbones:
             parts.append(row.backbone)
         labels.append("/".join(parts))
-    # Repeated settings (a seed sweep) would give equal labels: the job folder tells them apart.
+    # Jobs of one category differ by their overrides: the swept values tell them apart (lr=0.001), and
+    # the job folder where even those repeat.
+    labels = [
+        f"{label} {_short(row.overrides)}"
+        if labels.count(label) > 1 and row.overrides and not row.is_mean
+        else label
+        for label, row in zip(labels, rows, strict=True)
+    ]
     return [
         f"{label} #{row.job}" if labels.count(label) > 1 and not row.is_mean else label
         for label, row in zip(labels, rows, strict=True)
     ]
+
+
+def _short(overrides: str) -> str:
+    """``model.optimizer.lr=0.001 flow.flow_steps=8`` -> ``lr=0.001 flow_steps=8``."""
+    return " ".join(
+        o.partition("=")[0].rsplit(".", 1)[-1] + "=" + o.partition("=")[2] for o in overrides.split()
+    )
 
 
 def plot_pixel_auroc(rows: Sequence[Row], path: Path, title: str) -> None:

@@ -124,7 +124,9 @@ def cache_features(
 
 def wandb_run_id(run_dir: Path) -> str | None:
     """The id of the newest W&B run logged in ``run_dir`` (``wandb/[offline-]run-<time>-<id>``), or None."""
-    runs = sorted((p for p in (run_dir / "wandb").glob("*run-*-*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    runs = sorted(
+        (p for p in (run_dir / "wandb").glob("*run-*-*") if p.is_dir()), key=lambda p: p.stat().st_mtime
+    )
     return runs[-1].name.rsplit("-", 1)[1] if runs else None
 
 

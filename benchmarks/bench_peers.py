@@ -189,7 +189,8 @@ def floor_child(kind: str, checkpoint: Path, batch: int) -> None:
     import onnxruntime as ort
     from timing import seconds
 
-    from uflow_exp.tasks.export import INPUT_NAME, OUTPUT_NAME, AnomalyMapNet
+    from uflow_exp.onnx_names import INPUT_NAME, OUTPUT_NAME
+    from uflow_exp.tasks.export import AnomalyMapNet
 
     session = ort.InferenceSession(str(checkpoint.with_suffix(".onnx")), providers=["CPUExecutionProvider"])
     network = AnomalyMapNet(model, module.eval_size)  # the module the ONNX graph was exported from

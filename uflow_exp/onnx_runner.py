@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from uflow_exp.tasks.export import INPUT_NAME, OUTPUT_NAME, latent_names
+from uflow_exp.onnx_names import INPUT_NAME, OUTPUT_NAME, latent_names
 
 BACKENDS = ("torch", "onnxruntime")
 

@@ -19,17 +19,12 @@ from torch import nn
 
 from uflow_exp.models.uflow.lightning_module import UFlowModule
 from uflow_exp.models.uflow.model import UFlow
+from uflow_exp.onnx_names import INPUT_NAME, OUTPUT_NAME, latent_names
 from uflow_exp.utils import print_config, require_checkpoint
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("onnx",)
-INPUT_NAME = "images"
-OUTPUT_NAME = "anomaly_map"
-
-
-def latent_names(n_scales: int) -> list[str]:
-    return [f"z{s}" for s in range(n_scales)]
 
 
 class AnomalyMapNet(nn.Module):

@@ -90,10 +90,10 @@ def _is_usage_error(error: Exception) -> bool:
     so an early data error stays quick.
     """
     from uflow_exp.data.records import DatasetError
-    from uflow_exp.utils.checks import ConfigValueError
 
-    kinds = [DatasetError, CheckpointNotFoundError, ConfigValueError]
+    kinds = [DatasetError, CheckpointNotFoundError]
     for module, name in (
+        ("uflow_exp.utils.checks", "ConfigValueError"),  # checks imports this module, not the reverse
         ("uflow_exp.feature_cache", "FeatureCacheError"),
         ("uflow_exp.models.uflow.feature_extraction", "BackboneWeightsError"),
         ("uflow_exp.onnx_runner", "OnnxRunError"),

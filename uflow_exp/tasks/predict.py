@@ -179,7 +179,7 @@ class _Writer:
         anomalous = bool(segmentation.any())  # for NFA modes: max -log10 NFA > its threshold
         return [
             str(path),
-            f"{float(amap.max()):.6f}",
+            f"{float(full_map.max()):.6f}",  # the saved map's maximum, at the image's resolution
             "anomalous" if anomalous else "normal",
             f"{float(significance.max()):.4f}" if self.nfa else "",
             f"{float(segmentation.float().mean()):.6f}",

@@ -90,7 +90,7 @@ def test_outputs_at_original_resolution_and_bad_file_counted(checkpoint, inputs,
 
         raw = np.load(out / "maps" / f"{name}.npy")
         assert raw.shape == (h, w) and raw.dtype == np.float32
-        assert 0.0 <= raw.min() and raw.max() == pytest.approx(score, abs=1e-6)  # the score is the saved map's max
+        assert 0.0 <= raw.min() and raw.max() == pytest.approx(score, abs=1e-6)  # score: the saved map's max
         mask = np.asarray(Image.open(out / "masks" / f"{name}.png"))
         assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, 255}
         assert mask.any() == (row["decision"] == "anomalous")

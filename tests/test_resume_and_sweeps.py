@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -213,15 +214,14 @@ def test_ddp_on_two_cpu_processes_counts_each_test_image_once(tmp_path):
     root = fake_layouts.make_mvtec(tmp_path / "mvtec", n_train=8, n_test_good=3, size=64)
     cli = [o for o in CLI_TINY if not o.startswith("trainer=")]
     features = tmp_path / "features"
-    run_cli(
+    result = run_cli(
         [
             *cli,
             "trainer=ddp_cpu",
             "trainer.max_epochs=1",
             "dataset=mvtec",
             f"dataset.root={root}",
-            # both processes open one disk cache and fill the rows of the images they see
-            "feature_cache=disk",
+            # feature_cache=true: under DDP one disk cache, each process filling every second row
             f"feature_cache_dir={features}",
         ],
         tmp_path,
@@ -230,6 +230,9 @@ def test_ddp_on_two_cpu_processes_counts_each_test_image_once(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     (folder,) = features.iterdir()  # one folder, no leftover temporary one
     assert np.load(folder / "filled.npy").all()
+    output = result.stdout + result.stderr
+    shares = [f"computed the features of 4 images in .* s \\(process {rank} of 2\\)" for rank in (0, 1)]
+    assert all(re.search(share, output) for share in shares), output[-3000:]  # 8 images, 4 each
     # 5 test images on 2 processes: each counted once, so the metrics are those of one process
     # evaluating the same checkpoint
     from uflow_exp.tasks.evaluate import evaluate

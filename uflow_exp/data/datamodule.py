@@ -196,20 +196,29 @@ class AnomalyDataModule(L.LightningDataModule):
             dataset.features = features
 
     def image_loader(self, records: list[Record]) -> DataLoader:
-        """Decoded images of ``records`` in order, in evaluation batches (to compute features)."""
-        return self._loader(AnomalyDataset(records, self.image_size), self.eval_batch_size, shuffle=False)
+        """Decoded images of every one of ``records`` in order, in evaluation batches (to compute
+        features), in whichever process asks: under DDP the caller has already taken its share."""
+        return self._loader(
+            AnomalyDataset(records, self.image_size), self.eval_batch_size, shuffle=False, shard=False
+        )
 
     def _training_sampler(self, dataset: AnomalyDataset) -> EpochSeededSampler:
         """The training order: the loader's and the one ``drawn_training_records`` predicts."""
         return EpochSeededSampler(len(dataset), self.seed)
 
-    def _loader(self, dataset: AnomalyDataset | None, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(
+        self, dataset: AnomalyDataset | None, batch_size: int, shuffle: bool, shard: bool = True
+    ) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a data loader")
+        if shuffle:
+            sampler = self._training_sampler(dataset)
+        else:
+            sampler = _evaluation_sampler(dataset) if shard else None
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            sampler=self._training_sampler(dataset) if shuffle else _evaluation_sampler(dataset),
+            sampler=sampler,
             drop_last=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from uflow_exp.data import AnomalyDataModule
 from uflow_exp.data.records import Record
-from uflow_exp.feature_cache import CacheSpec, open_feature_cache, parse_mode
+from uflow_exp.feature_cache import CacheSpec, FeatureCacheError, open_feature_cache, parse_mode
 from uflow_exp.models.uflow.lightning_module import UFlowModule
 from uflow_exp.utils import (
     find_last_checkpoint,
@@ -85,14 +85,28 @@ def fit_records(datamodule: AnomalyDataModule, trainer: L.Trainer) -> list[Recor
     return train.records + val.records
 
 
+class FeatureCacheFill(L.Callback):
+    """Fills the feature cache when the fit sets up, on every process (``cache_features``): under DDP
+    the processes exist only then, so each can compute its share and wait for the others."""
+
+    def __init__(self, cfg: DictConfig, mode: str, datamodule: AnomalyDataModule) -> None:
+        self.cfg, self.mode, self.datamodule = cfg, mode, datamodule
+
+    def setup(self, trainer: L.Trainer, pl_module: UFlowModule, stage: str) -> None:
+        if stage == "fit":
+            cache_features(self.cfg, self.mode, self.datamodule, pl_module, trainer)
+
+
 def cache_features(
     cfg: DictConfig, mode: str, datamodule: AnomalyDataModule, module: UFlowModule, trainer: L.Trainer
 ) -> None:
     """Compute the frozen backbone's features of the training and validation images once (each image
     decoded once, on the trainer's device) and have the data module serve them instead of images.
 
-    The task is the one place that knows both the data and the model, so it owns the cache: the
-    module only sees batches that carry ``features`` or ``image``.
+    Under DDP (``world_size`` processes) the cache is on disk, shared, and each process computes the
+    features of every ``world_size``-th image, then waits for the others: N images cost N / world_size
+    backbone passes per process. The task is the one place that knows both the data and the model, so
+    it owns the cache: the module only sees batches that carry ``features`` or ``image``.
     """
     datamodule.setup("fit")
     records = list({os.path.abspath(r.image): r for r in fit_records(datamodule, trainer)}.values())
@@ -109,16 +123,33 @@ def cache_features(
     device = trainer.strategy.root_device
     extractor = module.model.feature_extractor.to(device)
     paths = [str(r.image) for r in records]
+    world, rank = trainer.world_size, trainer.global_rank
+    if world > 1 and mode != "disk":
+        if mode == "memory":
+            raise FeatureCacheError(
+                f"feature_cache=memory keeps the features in each of the {world} processes, which would each "
+                "compute all of them; under DDP use feature_cache=true or disk (one shared store on disk)"
+            )
+        mode = "disk"  # one store the processes share, each filling its share of the rows
     cache = open_feature_cache(extractor, mode, paths, spec, cfg.feature_cache_dir)
-    missing = set(cache.missing(paths))
-    todo = [r for r in records if os.path.abspath(r.image) in missing]
+    # the share is taken from every record, not from the missing ones, which the other processes
+    # are filling meanwhile: together the shares cover every image
+    shard = records[rank::world]
+    missing = set(cache.missing([str(r.image) for r in shard]))
+    todo = [r for r in shard if os.path.abspath(r.image) in missing]
     if todo:
         start = time.perf_counter()
         batches = ((b["path"], b["image"].to(device)) for b in datamodule.image_loader(todo))
         count = cache.fill(batches, extractor.extract)
-        log.info(
-            "Feature cache: computed the features of %d images in %.1f s", count, time.perf_counter() - start
-        )
+        seconds, share = time.perf_counter() - start, f" (process {rank} of {world})" if world > 1 else ""
+        log.info("Feature cache: computed the features of %d images in %.1f s%s", count, seconds, share)
+    if world > 1:
+        trainer.strategy.barrier("feature_cache")
+        left = cache.missing(paths)
+        if left:
+            raise FeatureCacheError(
+                f"{len(left)} images have no features after every process filled its share"
+            )
     datamodule.serve_features(cache)
 
 
@@ -167,15 +198,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         raise ValueError("threshold=f1_adaptive uses labels: set dataset.val_split=test (paper protocol)")
     loggers = instantiate_dict(cfg.get("logger"))
     callbacks = instantiate_dict(cfg.get("callbacks"))
+    if cfg.get("train") and cache_mode != "false":
+        callbacks.append(FeatureCacheFill(cfg, cache_mode, datamodule))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     metrics: dict = {}
     if cfg.get("train"):
-        start = time.perf_counter()
-        if cache_mode != "false":
-            cache_features(cfg, cache_mode, datamodule, model, trainer)
+        start = time.perf_counter()  # the feature cache fills inside the fit (FeatureCacheFill)
         try:
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         except SIGTERMException:  # Lightning stops after the current batch; its exit status would be 0

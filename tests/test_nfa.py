@@ -411,3 +411,18 @@ def test_planted_region_is_detected_and_localised():
         for b in range(n_images):
             assert _iou(mask[b], box) > 0.75, method.__name__
             assert not (mask[b] & ~near).any(), method.__name__
+
+
+def test_tests_by_size_charges_the_number_of_size_classes_of_every_scale():
+    """The Bonferroni factor is the sum over scales of their pixel counts, not the largest of them."""
+    from uflow_exp.nfa.tree import log_number_of_size_classes
+
+    assert log_number_of_size_classes([4096, 1024, 256]) == pytest.approx(math.log10(5376), abs=1e-6)
+    z = [torch.zeros(1, 4, 8, 8), torch.zeros(1, 8, 4, 4)]
+    z[0][0, :, 2:4, 2:4] = 6.0  # a strong 2 x 2 region at the finer scale
+    stratified = tree_nfa(z, 16, tests_by_size=True, clip_lower_tail=True)
+    from uflow_exp.nfa.tree import region_log_prob_maps
+
+    (finer, _) = region_log_prob_maps(z, clip_lower_tail=True, tests_by_size=True)
+    # the most significant pixel: its region's log10 probability (its size's count in) + log10(64 + 16)
+    assert float(stratified.max()) == pytest.approx(-(float(np.nanmin(finer)) + math.log10(80)), abs=1e-3)

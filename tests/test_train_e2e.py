@@ -193,6 +193,7 @@ def test_a_float16_feature_cache_moves_losses_and_maps_by_little(tmp_path):
         results[dtype] = train(compose_train([*overrides, f"feature_cache_dtype={dtype}"], tmp_path / dtype))
     for key in ("train/loss", "val/loss"):
         assert results["float16"][key] == pytest.approx(results["float32"][key], rel=1e-3), key
+        assert results["float16"][key] != results["float32"][key], key  # the float16 store was used
     for key in ("test/pixel_auroc", "test/image_auroc"):
         assert results["float16"][key] == pytest.approx(results["float32"][key], abs=0.01), key
 

@@ -1,0 +1,70 @@
+"""What the training step and the training task must do that no end result shows at once: the
+feature noise reaches the step and changes with it, and the final test runs on the best checkpoint."""
+
+from types import SimpleNamespace
+
+import lightning as L
+import torch
+
+from tests import fake_layouts
+from tests.framework_helpers import TINY, compose_train
+from uflow_exp.models.uflow.lightning_module import UFlowModule
+from uflow_exp.tasks.train import train
+
+
+def module(noise: float = 0.3) -> UFlowModule:
+    torch.manual_seed(0)
+    return UFlowModule(
+        backbone={"name": "resnet18", "input_size": 64, "pretrained": False, "layers": [1, 2, 3]},
+        flow={"flow_steps": 1, "feature_noise": noise},
+        threshold={"_target_": "uflow_exp.thresholds.NFATreeThreshold"},
+        optimizer={"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3},
+        eval_size=64,
+    )
+
+
+def encoded_features(m: UFlowModule, step: int, monkeypatch) -> list[torch.Tensor]:
+    """The features the training step hands to the flow at global step ``step``."""
+    seen = []
+    monkeypatch.setattr(
+        m.model, "encode", lambda f, jac=True: seen.append(f) or ([x.mean() for x in f], torch.zeros(2))
+    )
+    monkeypatch.setattr("uflow_exp.models.uflow.lightning_module.nll_loss", lambda z, j: sum(z))
+    m._trainer = SimpleNamespace(global_step=step, global_rank=0, training=True)
+    m.log = lambda *a, **k: None
+    m.train()
+    m.training_step({"image": torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)),
+                     "label": torch.zeros(2)}, 0)  # fmt: skip
+    m._trainer = None
+    return seen[0]
+
+
+def test_the_training_step_adds_noise_drawn_anew_at_each_step(monkeypatch):
+    m = module().eval()  # clean features first: a module starts in training mode
+    clean = m.model.normalize(
+        m.model.extract(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
+    )
+    first, again, second = (encoded_features(m, step, monkeypatch) for step in (0, 0, 1))
+    for c, a, b, d in zip(clean, first, again, second, strict=True):
+        assert abs((a - c).std().item() - 0.3) < 0.03  # the recipe's noise, std 0.3, on the clean features
+        assert torch.equal(a, b)  # the same step draws the same noise (a resumed run repeats it)
+        assert not torch.equal(a, d)  # the next step draws other noise
+
+
+def test_the_final_test_runs_on_the_best_checkpoint(tmp_path, monkeypatch):
+    root = fake_layouts.make_mvtec(tmp_path / "data", n_train=6, size=64)
+    tested = []
+    original = L.Trainer.test
+
+    def spy(self, *args, **kwargs):
+        tested.append(kwargs.get("ckpt_path"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "test", spy)
+    train(
+        compose_train(
+            [*TINY, "dataset=mvtec", f"dataset.root={root}", "trainer.max_epochs=2"], tmp_path / "run"
+        )
+    )
+    (best,) = (p for p in (tmp_path / "run" / "checkpoints").glob("epoch_*.ckpt"))
+    assert tested == [str(best)]

@@ -519,3 +519,14 @@ def test_textures_defects_are_visible_to_pretrained_cnn_features(textures):
         scores += torch.nn.functional.interpolate(distance[:, None].float(), size=256, mode="bilinear")
     truth = torch.stack([dm.test_dataset[i]["mask"] for i in range(len(dm.test_dataset))]).bool().numpy()
     assert pixel_auroc(scores.numpy(), truth) > 0.97
+
+
+def test_files_that_are_not_images_are_counted_in_the_log(tmp_path, caplog):
+    from uflow_exp.data.records import list_images
+
+    for name in ("b.png", "a.JPG", "notes.txt", "anim.gif", ".DS_Store"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    caplog.set_level(logging.INFO)
+    assert [p.name for p in list_images(tmp_path)] == ["a.JPG", "b.png"]
+    assert f"{tmp_path}: ignored 2 files that are not images (anim.gif, notes.txt)" in caplog.text

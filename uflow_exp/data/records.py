@@ -173,11 +173,15 @@ def split_off(records: Sequence[Record], fraction: float, seed: int) -> tuple[li
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files directly inside `folder` (any supported suffix, any case), in natural order."""
-    return sorted(
-        (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
-        key=natural_key,
-    )
+    """Image files directly inside `folder` (any supported suffix, any case), in natural order; the
+    other files there are counted in the log by name, so that none is left out without a word."""
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    others = sorted(p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES)
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        log.info("%s: ignored %d files that are not images (%s)", folder, len(others), shown)
+    return sorted(images, key=natural_key)
 
 
 def images_and_masks(folder: Path, mask_suffix: str) -> tuple[list[Path], list[Path]]:

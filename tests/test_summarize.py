@@ -201,7 +201,7 @@ def test_single_run_folder(tmp_path: Path):
 
 def test_chart_is_a_png(mvtec_sweep: Path, tmp_path: Path):
     _, written = summarize(mvtec_sweep, tmp_path)
-    png = tmp_path / "summary_pixel_auroc.png"
+    png = tmp_path / "summary_auroc.png"
     assert png in written
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pixels = matplotlib.image.imread(png)
@@ -226,7 +226,7 @@ def test_cli(mvtec_sweep: Path, tmp_path: Path):
     assert result.returncode == 0, result.stderr
     assert markdown_rows(result.stdout)["mean"]["status"] == "3 of 4 finished"
     assert f"wrote {out / 'summary.csv'}" in result.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["summary.csv", "summary.md", "summary_pixel_auroc.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["summary.csv", "summary.md", "summary_auroc.png"]
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -256,3 +256,22 @@ def test_chart_labels_name_the_swept_value_of_each_job():
         Row(job="mean", is_mean=True),
     ]
     assert _chart_labels(rows) == ["brick lr=0.001", "brick lr=0.002", "brick #2", "brick #3", "mean"]
+
+
+def test_an_image_label_only_sweep_charts_image_auroc_without_warnings(tmp_path):
+    import warnings
+
+    from uflow_exp.summarize import chart_metric, collect, summarize, summary_rows
+
+    sweep = tmp_path / "sweep"
+    for job, value in (("0", 0.9), ("1", 0.8)):
+        write_job(sweep / job, "folder", "", "resnet18", {"test/image_auroc": value},
+                  overrides=(f"model.optimizer.lr={job}e-3",))  # fmt: skip
+    rows = summary_rows(collect(sweep))
+    assert chart_metric(rows) == "test/image_auroc"
+    assert [r.job for r in rows if r.is_mean] == ["mean"]  # one mean row
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        markdown, paths = summarize(sweep, tmp_path / "out")
+    assert paths[-1].name == "summary_auroc.png" and paths[-1].stat().st_size > 0
+    assert sum(line.startswith("| mean") for line in markdown.splitlines()) == 1

@@ -1,6 +1,7 @@
 """`python -m uflow_exp.summarize RUN_OR_MULTIRUN_DIR [--out DIR] [--wandb]`: a results table of the
 runs below a folder (one row per job, failed jobs included), with the paper's MVTec pixel AUROC beside
-each MVTec category, as Markdown + CSV and a bar chart of pixel AUROC."""
+each MVTec category, as Markdown + CSV and a bar chart of pixel AUROC (image AUROC when no job has
+pixel masks)."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ COLUMNS = [
     "Δ pixel AUROC (pp)",
     "status",
 ]
-OUTPUT_NAMES = ("summary.md", "summary.csv", "summary_pixel_auroc.png")
+OUTPUT_NAMES = ("summary.md", "summary.csv", "summary_auroc.png")
 
 
 @dataclass
@@ -283,16 +284,23 @@ def _short(overrides: str) -> str:
     )
 
 
-def plot_pixel_auroc(rows: Sequence[Row], path: Path, title: str) -> None:
-    """Bars of pixel AUROC per job and per mean, the paper's value as a marker, failed jobs and NaN
-    results marked on the axis instead of a bar."""
+def chart_metric(rows: Sequence[Row]) -> str:
+    """What the chart shows: pixel AUROC, or image AUROC when no job has pixel truth (image labels only)."""
+    pixel = any((r.metrics or {}).get("test/pixel_auroc") is not None for r in rows)
+    return "test/pixel_auroc" if pixel else "test/image_auroc"
+
+
+def plot_auroc(rows: Sequence[Row], path: Path, title: str) -> None:
+    """Bars of `chart_metric` per job and per mean, the paper's pixel AUROC as a marker, failed jobs
+    and NaN results marked on the axis instead of a bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     labels = _chart_labels(rows)
-    pixel = [(r.metrics or {}).get("test/pixel_auroc") for r in rows]
+    metric = chart_metric(rows)
+    pixel = [(r.metrics or {}).get(metric) for r in rows]
     known = [v for v in pixel if v is not None] + [r.paper for r in rows if r.paper is not None]
     # AUROCs crowd near 100: a zero baseline would hide every difference, so the axis starts below the data.
     bottom = max(0.0, 5 * (min(known) // 5) - 5) if known else 0.0
@@ -324,16 +332,17 @@ def plot_pixel_auroc(rows: Sequence[Row], path: Path, title: str) -> None:
             color="white",
             fontsize=7,
         )
-    paper = [(i, r.paper) for i, r in enumerate(rows) if r.paper is not None]
+    paper = [(i, r.paper) for i, r in enumerate(rows) if r.paper is not None and metric == "test/pixel_auroc"]
     if paper:
         ax.scatter(
             *zip(*paper, strict=True), marker="D", color="tab:orange", zorder=3, label="paper (mcait, 448)"
         )
-    fig.legend(loc="outside upper right", ncols=3, frameon=False)
+    if legend_done or paper:  # an empty legend makes matplotlib warn
+        fig.legend(loc="outside upper right", ncols=3, frameon=False)
     ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right", rotation_mode="anchor")
     ax.set_xlim(-0.6, len(rows) - 0.4)
     ax.set_ylim(bottom, 101)
-    ax.set_ylabel("pixel AUROC (%)")
+    ax.set_ylabel(f"{metric.removeprefix('test/').replace('_', ' ').replace('auroc', 'AUROC')} (%)")
     ax.set_title(title, loc="left")
     ax.grid(axis="y", alpha=0.3)
     fig.savefig(path, dpi=120)
@@ -358,7 +367,7 @@ def log_wandb(rows: Sequence[Row], root: Path, out: Path, chart: Path) -> None:
     table = wandb.Table(columns=COLUMNS)
     for row in rows:
         table.add_data(*_values(row))
-    run.log({"summary/table": table, "summary/pixel_auroc": wandb.Image(str(chart))})
+    run.log({"summary/table": table, "summary/auroc": wandb.Image(str(chart))})
     run.finish()
 
 
@@ -374,7 +383,8 @@ def summarize(root: Path, out: Path, use_wandb: bool = False) -> tuple[str, list
     markdown = to_markdown(rows)
     md_path.write_text(markdown)
     write_csv(rows, csv_path)
-    plot_pixel_auroc(rows, png_path, f"Pixel AUROC per job: {root.resolve().name}")
+    name = "Pixel" if chart_metric(rows) == "test/pixel_auroc" else "Image (no pixel masks)"
+    plot_auroc(rows, png_path, f"{name} AUROC per job: {root.resolve().name}")
     if use_wandb:
         log_wandb(rows, root, out, png_path)
     return markdown, [md_path, csv_path, png_path]

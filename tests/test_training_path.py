@@ -4,6 +4,7 @@ feature noise reaches the step and changes with it, and the final test runs on t
 from types import SimpleNamespace
 
 import lightning as L
+import pytest
 import torch
 
 from tests import fake_layouts
@@ -68,3 +69,42 @@ def test_the_final_test_runs_on_the_best_checkpoint(tmp_path, monkeypatch):
     )
     (best,) = (p for p in (tmp_path / "run" / "checkpoints").glob("epoch_*.ckpt"))
     assert tested == [str(best)]
+
+
+def test_the_threshold_is_calibrated_once_per_kept_checkpoint_not_every_epoch(tmp_path, monkeypatch):
+    """The fit's validations skip the tree NFA's level; the last and the best checkpoint each get
+    theirs at the end, stored in the file, and evaluate calibrates a checkpoint that has none."""
+    import hydra
+
+    from uflow_exp.tasks.evaluate import evaluate
+    from uflow_exp.thresholds import NFATreeThreshold
+
+    calls = []
+    original = NFATreeThreshold.calibrate
+    monkeypatch.setattr(NFATreeThreshold, "calibrate", lambda self: calls.append(1) or original(self))
+    root = fake_layouts.make_mvtec(tmp_path / "data", n_train=8, size=64)
+    data = ["dataset=mvtec", f"dataset.root={root}", "dataset.num_workers=0"]
+    cfg = compose_train(
+        [*TINY, *data, "trainer.max_epochs=3", "threshold.log_nfa_threshold=-1e6"], tmp_path / "run"
+    )
+    metrics = train(cfg)
+    assert len(calls) == 2  # last.ckpt and the best epoch's file; not once per epoch
+    datamodule = hydra.utils.instantiate(cfg.dataset)
+    datamodule.setup("fit")
+    for path in (tmp_path / "run" / "checkpoints").glob("*.ckpt"):
+        module = UFlowModule.from_checkpoint(str(path)).eval()
+        with torch.inference_mode():
+            largest = max(
+                float(module.predict_step(b)["significance"].max()) for b in datamodule.val_dataloader()
+            )
+        assert float(module.threshold.calibrated_level) == pytest.approx(largest, rel=1e-5, abs=1e-4), (
+            path.name
+        )
+    # a checkpoint without a level (saved mid-fit) is calibrated by evaluate, to the same level
+    best = next((tmp_path / "run" / "checkpoints").glob("epoch_*.ckpt"))
+    checkpoint = torch.load(best, weights_only=True)
+    checkpoint["state_dict"]["threshold.calibrated_level"] = torch.tensor(float("nan"))
+    torch.save(checkpoint, tmp_path / "uncalibrated.ckpt")
+    eval_cfg = [*data, "logger=csv", "trainer=cpu", f"ckpt_path={tmp_path / 'uncalibrated.ckpt'}"]
+    evaluated = evaluate(compose_train(eval_cfg, tmp_path / "eval", "eval"))
+    assert evaluated["test/threshold_level"] == pytest.approx(metrics["test/threshold_level"], rel=1e-6)

@@ -41,6 +41,11 @@ class Threshold(nn.Module):
     significance: str = "anomaly_map"
 
     @property
+    def calibrated(self) -> bool:
+        """Whether ``level`` is known (always, for modes that need no calibration)."""
+        return True
+
+    @property
     def level(self) -> float:
         raise NotImplementedError
 
@@ -91,6 +96,10 @@ class _NFAThreshold(Threshold):
     @property
     def needs_calibration(self) -> bool:
         return self.calibrate_on_normal
+
+    @property
+    def calibrated(self) -> bool:
+        return not self.calibrate_on_normal or not bool(torch.isnan(self.calibrated_level))
 
     @property
     def level(self) -> float:
@@ -193,6 +202,10 @@ class _CalibratedThreshold(Threshold):
 
     def _choose(self, normal: Tensor, anomalous: Tensor, edges: Tensor) -> float:
         raise NotImplementedError
+
+    @property
+    def calibrated(self) -> bool:
+        return not bool(torch.isnan(self.value))
 
     @property
     def level(self) -> float:

@@ -95,7 +95,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, logger=instantiate_dict(cfg.get("logger")) or False
     )
-    if override is not None and model.threshold.needs_calibration:
+    # a new mode, or a checkpoint saved before its run calibrated it (a run stopped mid-fit)
+    if model.threshold.needs_calibration and (override is not None or not model.threshold.calibrated):
         log.info("Calibrating threshold %s on the validation split", cfg.threshold["_target_"])
         trainer.validate(model, datamodule=datamodule)
     start = time.perf_counter()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -173,6 +174,26 @@ def continue_records(cfg: DictConfig, ckpt_path: str, run_dir: Path | None) -> N
             wandb.id, wandb.resume = run_id, "allow"
 
 
+def calibrate_kept_checkpoints(trainer: L.Trainer, model: UFlowModule, datamodule: AnomalyDataModule) -> None:
+    """Calibrate the threshold of each checkpoint the fit kept (the last and the best) on the
+    validation images, and store the result in the file: the fit's validations skip it, since only
+    the tested checkpoint's level is ever used. Without checkpoint files, the model in memory."""
+    callback = trainer.checkpoint_callback
+    paths = [] if callback is None else [callback.last_model_path, callback.best_model_path]
+    paths = list(dict.fromkeys(p for p in paths if p and Path(p).is_file()))  # the best one last
+    model.calibrate_in_validation = True
+    for path in paths or [None]:
+        trainer.validate(model, datamodule=datamodule, ckpt_path=path, weights_only=True, verbose=False)
+        if path is not None and trainer.is_global_zero:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            for key, value in model.threshold.state_dict().items():
+                checkpoint["state_dict"][f"threshold.{key}"] = value.detach().cpu().clone()
+            torch.save(checkpoint, path)
+        trainer.strategy.barrier("threshold_calibration")
+    log.info("Threshold %s calibrated on the validation images: level %.4g",
+             type(model.threshold).__name__, model.threshold.level)  # fmt: skip
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resolve_ckpt_path(cfg)
     run_dir = interrupted_run_dir(ckpt_path)
@@ -207,12 +228,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics: dict = {}
     if cfg.get("train"):
         start = time.perf_counter()  # the feature cache fills inside the fit (FeatureCacheFill)
+        model.calibrate_in_validation = False  # once, at the end (calibrate_kept_checkpoints)
         try:
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         except SIGTERMException:  # Lightning stops after the current batch; its exit status would be 0
             log.error(_interrupted_message(trainer))
             raise SystemExit(SIGTERM_EXIT_CODE) from None
         metrics |= {k: v for k, v in trainer.callback_metrics.items() if not k.startswith("test/")}
+        if model.threshold.needs_calibration:
+            calibrate_kept_checkpoints(trainer, model, datamodule)
         metrics["time/fit_s"] = time.perf_counter() - start
     if cfg.get("test"):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""

@@ -81,6 +81,10 @@ class UFlowModule(L.LightningModule):
         # images -> (anomaly map, latents) in place of the torch model at prediction and test time
         # (an exported graph run by onnxruntime: ``use_onnx``); None: the torch model
         self.inference: Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]] | None = None
+        # whether validation calibrates a calibrated threshold (e.g. the tree NFA's level on the normal
+        # validation images); the training task turns it off during the fit and calibrates the kept
+        # checkpoints once at its end, since only the tested checkpoint's level is ever used
+        self.calibrate_in_validation = True
 
     @classmethod
     def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu") -> UFlowModule:
@@ -176,14 +180,18 @@ class UFlowModule(L.LightningModule):
         )
         amap = self.model.anomaly_map(z, self.eval_size)
         mask = self._eval_masks(batch)
-        if not self.trainer.sanity_checking:  # the sanity batches would count twice after a resume
+        if self._calibrating():
             with self.trainer.profiler.profile("threshold_calibration"):  # a no-op unless profiling
                 self.threshold.calibration_update(z, amap, mask)
         self.val_metrics.update(amap, mask, labels=batch["label"], has_mask=batch["has_mask"])
         self._val_anomalous += int(batch["label"].sum())
 
+    def _calibrating(self) -> bool:
+        # not the sanity batches: they would count twice after a resume
+        return self.calibrate_in_validation and not self.trainer.sanity_checking
+
     def on_validation_epoch_end(self) -> None:
-        if self.threshold.needs_calibration and not self.trainer.sanity_checking:
+        if self.threshold.needs_calibration and self._calibrating():
             self.threshold.calibrate()
         anomalous = self.trainer.strategy.reduce(
             torch.tensor(float(self._val_anomalous), device=self.device), reduce_op="sum"

@@ -257,3 +257,32 @@ def test_a_single_run_that_neither_trains_nor_tests_logs_no_error(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ERROR" not in done.stdout + done.stderr
+
+
+def test_bfloat16_training_only_where_the_hardware_runs_it_natively(tmp_path, monkeypatch):
+    import torch
+
+    from uflow_exp.utils import config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for flags, native in [
+        ("fpu avx512f avx512_bf16", True),
+        ("fpu amx_bf16 amx_tile", True),
+        ("fpu avx2", False),
+    ]:
+        (tmp_path / "cpuinfo").write_text(f"processor : 0\nflags\t\t: {flags}\n")
+        assert config._native_bfloat16(str(tmp_path / "cpuinfo")) is native
+    assert not config._native_bfloat16(str(tmp_path / "missing"))
+    monkeypatch.setattr(config, "_native_bfloat16", lambda: False)
+    assert config._train_precision() == "32-true"
+    monkeypatch.setattr(config, "_native_bfloat16", lambda: True)
+    assert config._train_precision() == "bf16-mixed"
+
+
+def test_the_wandb_logger_no_longer_passes_the_anonymous_setting(tmp_path):
+    import hydra
+
+    cfg = compose_train(["logger=wandb"], tmp_path)
+    logger = hydra.utils.instantiate(cfg.logger.wandb)
+    assert "anonymous" not in logger._wandb_init  # wandb warned about it on every run
+    assert logger._wandb_init["project"] == "uflow_exp" and logger._offline

@@ -58,6 +58,27 @@ def _job_overrides() -> str:
     return f"-{hydra_cfg.job.num} {' '.join(shown)}"[:120].rstrip()
 
 
+def _native_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this machine runs bfloat16 arithmetic natively: a CUDA device that supports it, or a
+    CPU with AVX-512 BF16 or AMX (elsewhere bfloat16 is emulated and slower than float32)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open(cpuinfo) as lines:
+            flags = {word for line in lines if line.startswith("flags") for word in line.split()}
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def _train_precision() -> str:
+    """``bf16-mixed`` where bfloat16 is native (the training step's flow convolutions in bfloat16,
+    see UFlowModule._latents), else ``32-true``."""
+    return "bf16-mixed" if _native_bfloat16() else "32-true"
+
+
 def _register_resolvers() -> None:
     """The ``uflow_*`` resolvers the configs use; registered when this module is imported (so anything
     that composes the configs from ``CONFIG_DIR`` resolves them)."""
@@ -65,6 +86,7 @@ def _register_resolvers() -> None:
     OmegaConf.register_new_resolver("uflow_sweep_group", _sweep_group, replace=True)
     OmegaConf.register_new_resolver("uflow_job_overrides", _job_overrides, replace=True)
     OmegaConf.register_new_resolver("uflow_num_workers", _num_workers, replace=True)
+    OmegaConf.register_new_resolver("uflow_train_precision", _train_precision, replace=True)
 
 
 _register_resolvers()

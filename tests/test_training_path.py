@@ -108,3 +108,24 @@ def test_the_threshold_is_calibrated_once_per_kept_checkpoint_not_every_epoch(tm
     eval_cfg = [*data, "logger=csv", "trainer=cpu", f"ckpt_path={tmp_path / 'uncalibrated.ckpt'}"]
     evaluated = evaluate(compose_train(eval_cfg, tmp_path / "eval", "eval"))
     assert evaluated["test/threshold_level"] == pytest.approx(metrics["test/threshold_level"], rel=1e-6)
+
+
+def test_anomalous_images_without_masks_do_not_calibrate_the_level(tmp_path):
+    """val_split=test on image labels only: an anomalous image's empty mask must not make it normal."""
+    import hydra
+
+    root = fake_layouts.make_folder(tmp_path / "data", n_normal=10, n_abnormal=3, size=64, mask_dir=None)
+    data = ["dataset=folder", f"dataset.root={root}", "dataset.num_workers=0", "dataset.val_split=test"]
+    cfg = compose_train([*TINY, *data, "threshold.log_nfa_threshold=-1e6"], tmp_path / "run")
+    train(cfg)
+    module = UFlowModule.from_checkpoint(str(tmp_path / "run" / "checkpoints" / "last.ckpt")).eval()
+    datamodule = hydra.utils.instantiate(cfg.dataset)
+    datamodule.setup("fit")
+    normal, anomalous = [], []
+    with torch.inference_mode():
+        for batch in datamodule.val_dataloader():
+            significance = module.predict_step(batch)["significance"].flatten(1).amax(1)
+            normal += significance[batch["label"] == 0].tolist()
+            anomalous += significance[batch["label"] == 1].tolist()
+    assert len(normal) == 2 and len(anomalous) == 3 and max(anomalous) > max(normal)  # the squares stand out
+    assert float(module.threshold.calibrated_level) == pytest.approx(max(normal), rel=1e-5, abs=1e-4)

@@ -181,8 +181,11 @@ class UFlowModule(L.LightningModule):
         amap = self.model.anomaly_map(z, self.eval_size)
         mask = self._eval_masks(batch)
         if self._calibrating():
+            # only images whose pixels are known: an anomalous image labelled without a mask has an
+            # empty mask, and would calibrate as a normal one (val_split=test with image labels)
+            known = (batch["has_mask"].bool() | (batch["label"] == 0)).to(amap.device)
             with self.trainer.profiler.profile("threshold_calibration"):  # a no-op unless profiling
-                self.threshold.calibration_update(z, amap, mask)
+                self.threshold.calibration_update([t[known] for t in z], amap[known], mask[known])
         self.val_metrics.update(amap, mask, labels=batch["label"], has_mask=batch["has_mask"])
         self._val_anomalous += int(batch["label"].sum())
 

@@ -11,8 +11,8 @@ its row is the mean over the seeds of those runs' `metrics.json`. Cases:
 - `brick`, `grass`, `gravel`: the embedded textures.
 
 Beside each case, in its own process on the same images, splits, backbone and weights, the
-nearest-neighbour baseline of `knn_baseline.py` (PatchCore as published, scored by the same metrics;
-once, seeded with the first seed: only its coreset is random), and a table of ours against it.
+nearest-neighbour baseline of `knn_baseline.py` (PatchCore's features and map, searching its full
+memory bank, scored by the same metrics; once: it is deterministic), and a table of ours against it.
 
 A second table re-thresholds each case's best checkpoint with every threshold mode
 (`python -m uflow_exp.evaluate ckpt_path=... threshold=...`, `--thresholds` picks them) and prints the

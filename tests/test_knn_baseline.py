@@ -40,13 +40,14 @@ def test_the_baseline_finds_planted_defects(tmp_path):
     root = fake_layouts.make_mvtec(tmp_path / "data", n_train=6, size=64)
     overrides = ["dataset=mvtec", f"dataset.root={root}", "backbone.input_size=64",
                  "model.eval_size=64", "dataset.num_workers=0"]  # fmt: skip
-    metrics = knn_baseline.run(overrides, seed=0)
-    assert metrics["test/pixel_auroc"] > 0.9 and metrics["test/image_auroc"] > 0.9
-    assert metrics["memory_bank_patches"] == round(0.1 * 6 * 8 * 8)  # 10 % of the 8 x 8 patches of 6 images
+    for ratio, patches in ((1.0, 6 * 8 * 8), (0.1, round(0.1 * 6 * 8 * 8))):  # of 6 images' 8 x 8 patches
+        metrics = knn_baseline.run(overrides, seed=0, coreset_ratio=ratio)
+        assert metrics["test/pixel_auroc"] > 0.9 and metrics["test/image_auroc"] > 0.9
+        assert metrics["memory_bank_patches"] == patches
 
 
 def test_nearest_distances_are_the_distances_to_the_nearest_bank_row(monkeypatch):
-    monkeypatch.setattr(knn_baseline, "QUERY_CHUNK", 7)  # several chunks
+    monkeypatch.setattr(knn_baseline, "DISTANCES_PER_CHUNK", 7 * 11)  # chunks of 7 queries
     g = torch.Generator().manual_seed(0)
     queries, bank = torch.randn(30, 5, generator=g), torch.randn(11, 5, generator=g)
     expected = torch.stack([min((q - b).norm() for b in bank) for q in queries])

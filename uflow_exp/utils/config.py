@@ -126,5 +126,7 @@ def quiet_expected_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     # The frozen backbone stays in eval mode while the flow trains.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # The model summary sizes parameters in float32 under bf16-mixed, which is right: they are float32.
+    warnings.filterwarnings("ignore", message=r"Precision bf16-mixed is not supported by the model summary")
     # Small data sets have fewer batches than the logging interval; epoch metrics are logged anyway.
     warnings.filterwarnings("ignore", message=r"The number of training batches .* logging interval")

@@ -271,12 +271,26 @@ def test_bfloat16_training_only_where_the_hardware_runs_it_natively(tmp_path, mo
         ("fpu avx2", False),
     ]:
         (tmp_path / "cpuinfo").write_text(f"processor : 0\nflags\t\t: {flags}\n")
-        assert config._native_bfloat16(str(tmp_path / "cpuinfo")) is native
-    assert not config._native_bfloat16(str(tmp_path / "missing"))
-    monkeypatch.setattr(config, "_native_bfloat16", lambda: False)
-    assert config._train_precision() == "32-true"
-    monkeypatch.setattr(config, "_native_bfloat16", lambda: True)
-    assert config._train_precision() == "bf16-mixed"
+        assert config._native_bfloat16("auto", str(tmp_path / "cpuinfo")) is native
+    assert not config._native_bfloat16("auto", str(tmp_path / "missing"))
+    # a CUDA device decides unless the run asks for the CPU
+    (tmp_path / "cpuinfo").write_text("flags\t\t: fpu avx2\n")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert config._native_bfloat16("auto", str(tmp_path / "cpuinfo"))
+    assert not config._native_bfloat16("cpu", str(tmp_path / "cpuinfo"))
+    monkeypatch.setattr(config, "_native_bfloat16", lambda accelerator: accelerator == "gpu")
+    assert config._train_precision("cpu") == "32-true"
+    assert config._train_precision("gpu") == "bf16-mixed"
+
+
+def test_default_precision_follows_the_hardware_and_the_paper_stays_float32(tmp_path, monkeypatch):
+    from uflow_exp.utils import config
+
+    monkeypatch.setattr(config, "_native_bfloat16", lambda accelerator: accelerator == "auto")
+    assert compose_train([], tmp_path).trainer.precision == "bf16-mixed"
+    assert compose_train(["trainer=cpu"], tmp_path).trainer.precision == "32-true"
+    assert compose_train(["experiment=paper"], tmp_path).trainer.precision == "32-true"
 
 
 def test_the_wandb_logger_no_longer_passes_the_anonymous_setting(tmp_path):

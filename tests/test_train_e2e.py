@@ -335,6 +335,18 @@ def test_the_learning_rate_decays_step_by_step_over_the_whole_run(limit, tmp_pat
     assert group["lr"] == pytest.approx(cfg.model.optimizer.lr * cfg.model.scheduler.end_factor)
 
 
+@pytest.mark.parametrize("max_steps", [3, 1])
+def test_a_step_limit_mid_epoch_validates_and_checkpoints_the_last_step(max_steps, tmp_path):
+    """trainer.max_steps ends the run inside an epoch (8 images in batches of 4: 2 steps per epoch),
+    or before the first epoch ends: the last step is still validated, checkpointed and tested."""
+    root = fake_layouts.make_mvtec(tmp_path / "data", n_train=10, size=64)
+    overrides = [*TINY, "dataset=mvtec", f"dataset.root={root}", "trainer.max_epochs=5"]
+    metrics = train(compose_train([*overrides, f"trainer.max_steps={max_steps}"], tmp_path / "run"))
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == max_steps
+    assert metrics["test/pixel_auroc"] == metrics["test/pixel_auroc"]  # tested on a checkpoint
+
+
 def test_logged_hyperparameters_are_the_run_config_nested_with_the_runs_seed(tmp_path):
     """Lightning flattened the data module's and model's arguments beside the run config: the data
     split's seed (0) replaced the run's seed (42) at the top of the W&B / CSV record."""

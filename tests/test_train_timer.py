@@ -52,7 +52,7 @@ def test_each_epoch_logs_one_line_with_its_losses_seconds_and_rate(monkeypatch, 
 
     monkeypatch.setattr(epoch_log.time, "perf_counter", Clock([0.0, 4.0]))
     trainer = SimpleNamespace(
-        is_global_zero=True, current_epoch=2, max_epochs=12,
+        is_global_zero=True, current_epoch=2, max_epochs=12, global_step=36, max_steps=300,
         callback_metrics={"train/loss": torch.tensor(-31234.56), "val/loss": torch.tensor(-2987.1)},
     )  # fmt: skip
     callback = epoch_log.EpochLog()
@@ -61,8 +61,11 @@ def test_each_epoch_logs_one_line_with_its_losses_seconds_and_rate(monkeypatch, 
     for _ in range(3):
         callback.on_train_batch_end(trainer, None, None, {"label": torch.zeros(4)}, 0)
     callback.on_train_epoch_end(trainer, None)
-    line = "Epoch 3/12: train/loss -31234.6, val/loss -2987.1; 4.0 s (validation included), 3.0 training"
-    assert caplog.messages == [f"{line} images/s"]
+    line = "Epoch 3/12, step 36/300: train/loss -31234.6, val/loss -2987.1; 4.0 s (validation included), 3.0"
+    assert caplog.messages == [f"{line} training images/s"]
     trainer.is_global_zero = False  # other DDP ranks stay quiet
     callback.on_train_epoch_end(trainer, None)
     assert len(caplog.messages) == 1
+    trainer.is_global_zero, trainer.max_steps = True, -1  # no step limit: epochs only
+    callback.on_train_epoch_end(trainer, None)
+    assert caplog.messages[-1].startswith("Epoch 3/12: train/loss")

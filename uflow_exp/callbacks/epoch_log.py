@@ -35,8 +35,9 @@ class EpochLog(L.Callback):
             if name in trainer.callback_metrics
         )
         total = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else "?"
+        steps = f", step {trainer.global_step}/{trainer.max_steps}" if trainer.max_steps > 0 else ""
         rate = self._images / max(seconds, 1e-9)
         log.info(
-            "Epoch %d/%s: %s; %.1f s (validation included), %.1f training images/s",
-            trainer.current_epoch + 1, total, losses or "no loss logged", seconds, rate,
+            "Epoch %d/%s%s: %s; %.1f s (validation included), %.1f training images/s",
+            trainer.current_epoch + 1, total, steps, losses or "no loss logged", seconds, rate,
         )  # fmt: skip

@@ -58,12 +58,13 @@ def _job_overrides() -> str:
     return f"-{hydra_cfg.job.num} {' '.join(shown)}"[:120].rstrip()
 
 
-def _native_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this machine runs bfloat16 arithmetic natively: a CUDA device that supports it, or a
-    CPU with AVX-512 BF16 or AMX (elsewhere bfloat16 is emulated and slower than float32)."""
+def _native_bfloat16(accelerator: str = "auto", cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the device that ``accelerator`` (Lightning's name) picks runs bfloat16 arithmetic
+    natively: a CUDA device that supports it, or a CPU with AVX-512 BF16 or AMX (elsewhere bfloat16 is
+    emulated and slower than float32)."""
     import torch
 
-    if torch.cuda.is_available():
+    if accelerator != "cpu" and torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     try:
         with open(cpuinfo) as lines:
@@ -73,10 +74,10 @@ def _native_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def _train_precision() -> str:
-    """``bf16-mixed`` where bfloat16 is native (the training step's flow convolutions in bfloat16,
-    see UFlowModule._latents), else ``32-true``."""
-    return "bf16-mixed" if _native_bfloat16() else "32-true"
+def _train_precision(accelerator: str = "auto") -> str:
+    """``bf16-mixed`` where the training device runs bfloat16 natively (the training step's flow
+    convolutions in bfloat16, see UFlowModule._latents), else ``32-true``."""
+    return "bf16-mixed" if _native_bfloat16(str(accelerator)) else "32-true"
 
 
 def _register_resolvers() -> None:

@@ -50,7 +50,7 @@ def test_batch_images_reads_dicts_and_batch_objects():
 def test_each_epoch_logs_one_line_with_its_losses_seconds_and_rate(monkeypatch, caplog):
     from uflow_exp.callbacks import epoch_log
 
-    monkeypatch.setattr(epoch_log.time, "perf_counter", Clock([0.0, 4.0]))
+    monkeypatch.setattr(epoch_log.time, "perf_counter", Clock([0.0, 4.0, 8.0]))
     trainer = SimpleNamespace(
         is_global_zero=True, current_epoch=2, max_epochs=12, global_step=36, max_steps=300,
         callback_metrics={"train/loss": torch.tensor(-31234.56), "val/loss": torch.tensor(-2987.1)},

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -122,10 +123,12 @@ def run_baseline(overrides: list[str], log_dir: Path, seed: int) -> dict[str, fl
     return json.loads(out.read_text())
 
 
-def mean(runs: list[dict[str, float]]) -> dict[str, float]:
-    """Per key, the mean over the runs that have it."""
+def mean(runs: list[dict[str, float | None]]) -> dict[str, float]:
+    """Per key, the mean over the runs where it is defined (metrics.json writes an undefined metric,
+    e.g. detection precision without any detection, as null); NaN where it is defined in none."""
     keys = {k for run in runs for k in run}
-    return {k: statistics.fmean(run[k] for run in runs if k in run) for k in keys}
+    defined = {k: [run[k] for run in runs if run.get(k) is not None] for k in keys}
+    return {k: statistics.fmean(values) if values else math.nan for k, values in defined.items()}
 
 
 def versus_row(case: str, ours: dict[str, float], baseline: dict[str, float]) -> str:

@@ -1,13 +1,15 @@
 """Where a fit's time goes: the real command (`python -m uflow_exp`, training only) on a large
 embedded data set, under Lightning's SimpleProfiler, as a table of seconds and shares of `time/fit_s`.
 
-Run: .venv/bin/python benchmarks/bench_fit.py [--images 2000] [--epochs 2] [-- extra overrides]
+Run: .venv/bin/python benchmarks/bench_fit.py [--images 2000] [--epochs N] [-- extra overrides]
 (`make bench-fit`). The images are generated brick crops (`dataset=textures dataset.n_train=N`: 80 %
 train, 20 % validation); the rows are the feature cache's fill (the backbone, once), the training
 steps' forward (NLL), backward and Adam update, the batches' loading, validation's forward (loss and
 maps) and its tree-NFA level (`threshold_calibration`), checkpointing, and the rest (start-up,
-logging, callbacks). Run it twice with other overrides (e.g. `-- trainer.precision=bf16-mixed`) to
-compare recipes; the per-epoch rows scale with the number of epochs, the cache fill does not.
+logging, callbacks); below the table, the run's peak resident memory. Without `--epochs` the run has the recipe's own schedule (300 optimizer steps);
+`--epochs N` trains N whole epochs instead (no step limit). Run it twice with other overrides (e.g.
+`-- trainer.precision=32-true`) to compare recipes; the per-step rows scale with the number of steps,
+the cache fill does not.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -23,11 +26,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def profiled_fit(images: int, epochs: int, overrides: list[str], folder: Path) -> tuple[dict, float, float]:
+def profiled_fit(images: int, epochs: int | None, overrides: list[str], folder: Path) -> tuple[dict, float, float]:
     """Action -> total seconds of the profiler, the fit's seconds and the cache fill's seconds."""
+    schedule = [] if epochs is None else [f"trainer.max_epochs={epochs}", "trainer.max_steps=-1"]
     command = [
         sys.executable, "-m", "uflow_exp", "dataset=textures", f"dataset.n_train={images}",
-        f"dataset.cache_dir={folder / 'data'}", f"trainer.max_epochs={epochs}", "test=false", "logger=csv",
+        f"dataset.cache_dir={folder / 'data'}", *schedule, "test=false", "logger=csv",
         "+trainer.profiler._target_=lightning.pytorch.profilers.SimpleProfiler",
         f"+trainer.profiler.dirpath={folder}", "+trainer.profiler.filename=profile",
         f"paths.log_dir={folder / 'logs'}", f"hydra.run.dir={folder / 'run'}", *overrides,
@@ -70,16 +74,19 @@ def stages(totals: dict, fit_s: float, cache_s: float) -> list[tuple[str, float]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--images", type=int, default=2000, help="generated training + validation images")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, help="whole epochs instead of the recipe's schedule")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides (after --)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-fit-") as tmp:
         totals, fit_s, cache_s = profiled_fit(args.images, args.epochs, args.overrides, Path(tmp))
-    print(f"{args.images} images, {args.epochs} epochs, overrides: {' '.join(args.overrides) or '(none)'}\n")
+    schedule = "the recipe's schedule" if args.epochs is None else f"{args.epochs} epochs"
+    print(f"{args.images} images, {schedule}, overrides: {' '.join(args.overrides) or '(none)'}\n")
     print("| stage | seconds | share of fit |\n|---|---|---|")
     for name, seconds in stages(totals, fit_s, cache_s):
         print(f"| {name} | {seconds:.2f} | {seconds / fit_s:.0%} |")
     print(f"| fit (time/fit_s) | {fit_s:.2f} | 100% |")
+    # the largest resident set of any finished child: the one training process
+    print(f"\npeak RSS of the run: {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -106,6 +106,8 @@ def test_fit_benchmark_accounts_for_the_whole_fit():
     assert sum(rows.values()) == pytest.approx(fit, abs=0.06)  # each row rounded to 0.01 s
     for stage in ("feature cache fill (backbone, once)", "training backward", "validation tree-NFA level"):
         assert rows[stage] > 0
+    peak = out.split("peak RSS of the run: ")[1].split(" MB")[0]
+    assert 200 < float(peak) < 20_000  # torch alone is about 300 MB
 
 
 def test_peer_floors_measure_our_trained_model_alone(tmp_path, bench_peers):
@@ -152,3 +154,25 @@ def test_peak_rss_is_the_commands_own_not_the_benchmarks(bench_peers):
     assert 300 < rss < 400
     with pytest.raises(RuntimeError, match="exit code 3"):
         bench_peers.measured([sys.executable, "-c", "raise SystemExit(3)"])
+
+
+def test_map_variants_start_from_what_the_run_tested(tmp_path):
+    """bench_maps on a trained run: its `mean p` row (the method's map and image score) is the run's
+    own test result, from the same best checkpoint; the other variants are other maps of it."""
+    import json
+
+    from tests import fake_layouts
+    from tests.framework_helpers import TINY, compose_train
+    from uflow_exp.tasks.train import train
+
+    root = fake_layouts.make_mvtec(tmp_path / "data", n_train=8, size=64)
+    train(compose_train([*TINY, "dataset=mvtec", f"dataset.root={root}", "trainer.max_epochs=2"], tmp_path / "run"))
+    tested = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    out = run(sys.executable, "benchmarks/bench_maps.py", str(tmp_path / "run"))
+    rows = {row[0]: [float(cell) for cell in row[1:]] for row in table_rows(out, "") if row[0][0].isalnum()}
+    assert len(rows) == 2 + 3 + 4  # mean p, product p, one per latent scale (3: resnet18), blurs
+    mean_p = rows["mean p"]
+    assert mean_p[0] == pytest.approx(tested["test/pixel_auroc"], abs=1e-3)
+    assert mean_p[1] == pytest.approx(tested["test/pixel_aupro"], abs=1e-3)
+    assert mean_p[2] == pytest.approx(tested["test/image_auroc"], abs=1e-3)
+    assert rows["product p + blur 4"] != mean_p and all(0 <= v <= 1 for r in rows.values() for v in r)

@@ -1,0 +1,113 @@
+"""Anomaly-map and image-score variants on trained runs, without retraining: one table per run.
+
+Run: .venv/bin/python benchmarks/bench_maps.py RUN_DIR [RUN_DIR ...] (`make bench-maps ARGS=...`),
+where each RUN_DIR is a training run's folder (`config_resolved.yaml` and `checkpoints/`), e.g. those
+that `bench_accuracy.py --keep DIR` leaves in DIR/<case>/run_seed<S>/. For each run the best
+checkpoint's latents of the test images are computed once; every variant is then a different way of
+turning the same latents into a pixel map and an image score, scored by the project's metrics
+(pixel AUROC, AUPRO@0.3; image AUROC exact). Variants:
+
+- `mean p` (the method's map): 1 - mean over scales of exp(-0.5 mean_c z^2), upsampled;
+- `product p`: 1 - exp(-mean over scales of 0.5 mean_c z^2), the scales' likelihoods multiplied
+  (a monotone function of the mean negative log-likelihood: no scale saturates the others);
+- `scale k`: one scale's likelihood alone (finest first), to see which scales carry the defects;
+- `+ blur s`: a Gaussian of s pixels at the evaluation size (`flow.map_blur_sigma`);
+- image score `max` (the method's) or `top 1 %` (mean of the highest 1 % of the map's pixels).
+
+Development numbers: use it to choose what to measure with `bench_accuracy.py`, not as results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import OmegaConf
+from torchmetrics.functional.classification import binary_auroc
+from torchvision.transforms.functional import gaussian_blur
+
+from uflow_exp.metrics import PixelAUPRO, PixelAUROC
+from uflow_exp.models.uflow.anomaly_map import anomaly_map
+from uflow_exp.models.uflow.lightning_module import UFlowModule
+
+
+def scale_nll(z: list[torch.Tensor], size: int) -> torch.Tensor:
+    """(B, S, size, size): each scale's negative log-likelihood per pixel (0.5 mean_c z^2), upsampled."""
+    nll = [0.5 * zs.pow(2).mean(dim=1, keepdim=True) for zs in z]
+    up = [torch.nn.functional.interpolate(n, size=(size, size), mode="bilinear", align_corners=False) for n in nll]
+    return torch.cat(up, dim=1)
+
+
+def variants(n_scales: int) -> dict[str, Callable[[list[torch.Tensor], int], torch.Tensor]]:
+    maps = {
+        "mean p": lambda z, size: anomaly_map(z, size),
+        "product p": lambda z, size: 1.0 - torch.exp(-scale_nll(z, size).mean(dim=1, keepdim=True)),
+    }
+    for k in range(n_scales):
+        maps[f"scale {k + 1}"] = lambda z, size, k=k: anomaly_map(z[k : k + 1], size)
+    for name in ("mean p", "product p"):
+        for sigma in (2.0, 4.0):
+            radius = max(1, int(4 * sigma + 0.5))
+            maps[f"{name} + blur {sigma:g}"] = lambda z, size, f=maps[name], s=sigma, r=radius: gaussian_blur(
+                f(z, size), [2 * r + 1] * 2, [s] * 2
+            )
+    return maps
+
+
+def test_latents(run: Path) -> tuple[UFlowModule, list[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]]]:
+    """The run's best checkpoint and, per test batch, its latents, masks and labels."""
+    cfg = OmegaConf.load(run / "config_resolved.yaml")
+    best = [p for p in sorted((run / "checkpoints").glob("*.ckpt")) if p.name != "last.ckpt"]
+    if not best:
+        raise FileNotFoundError(f"{run / 'checkpoints'}: no best checkpoint (epoch_*.ckpt)")
+    module = UFlowModule.from_checkpoint(str(best[-1])).eval()
+    datamodule = hydra.utils.instantiate(cfg.dataset)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    batches = []
+    with torch.inference_mode():
+        for batch in datamodule.test_dataloader():
+            z, _ = module._latents(batch, jac=False)
+            batches.append(([zs.clone() for zs in z], batch["mask"].bool(), batch["label"]))
+    return module, batches
+
+
+def score(batches, make_map, size: int) -> dict[str, float]:
+    auroc, aupro = PixelAUROC(), PixelAUPRO()
+    image_max, image_top, labels = [], [], []
+    for z, mask, label in batches:
+        amap = make_map(z, size).clamp(0.0, 1.0)
+        auroc.update(amap, mask)
+        aupro.update(amap, mask)
+        flat = amap.flatten(1)
+        image_max.append(flat.amax(dim=1))
+        image_top.append(flat.topk(max(1, math.ceil(0.01 * flat.shape[1])), dim=1).values.mean(dim=1))
+        labels.append(label.long())
+    labels = torch.cat(labels)
+    return {
+        "pixel AUROC": float(auroc.compute()),
+        "AUPRO@0.3": float(aupro.compute()),
+        "image AUROC (max)": float(binary_auroc(torch.cat(image_max), labels)),
+        "image AUROC (top 1 %)": float(binary_auroc(torch.cat(image_top), labels)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="training run folders")
+    args = parser.parse_args()
+    columns = ["pixel AUROC", "AUPRO@0.3", "image AUROC (max)", "image AUROC (top 1 %)"]
+    for run in args.runs:
+        module, batches = test_latents(run)
+        print(f"\n{run}\n\n| variant | {' | '.join(columns)} |\n|---|{'---|' * len(columns)}")
+        for name, make_map in variants(len(batches[0][0])).items():
+            row = score(batches, make_map, module.eval_size)
+            print(f"| {name} | {' | '.join(f'{row[c]:.3f}' for c in columns)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,15 +1,15 @@
-"""Where a fit's time goes: the real command (`python -m uflow_exp`, training only) on a large
-embedded data set, under Lightning's SimpleProfiler, as a table of seconds and shares of `time/fit_s`.
+"""Where a fit's time goes: the real command (`python -m uflow_exp`, training only) on a large embedded
+data set, under Lightning's SimpleProfiler, as a table of seconds and shares of `time/fit_s`.
 
-Run: .venv/bin/python benchmarks/bench_fit.py [--images 2000] [--epochs N] [-- extra overrides]
-(`make bench-fit`). The images are generated brick crops (`dataset=textures dataset.n_train=N`: 80 %
-train, 20 % validation); the rows are the feature cache's fill (the backbone, once), the training
-steps' forward (NLL), backward and Adam update, the batches' loading, validation's forward (loss and
-maps) and its tree-NFA level (`threshold_calibration`), checkpointing, and the rest (start-up,
-logging, callbacks); below the table, the run's peak resident memory. Without `--epochs` the run has the recipe's own schedule (300 optimizer steps);
-`--epochs N` trains N whole epochs instead (no step limit). Run it twice with other overrides (e.g.
-`-- trainer.precision=32-true`) to compare recipes; the per-step rows scale with the number of steps,
-the cache fill does not.
+Run: .venv/bin/python benchmarks/bench_fit.py [--images 2000] [--epochs N] [-- extra overrides] (`make
+bench-fit`). The images are generated brick crops (`dataset=textures dataset.n_train=N`: 80 % train, 20
+% validation); the rows are the feature cache's fill (the backbone, once), the training steps' forward
+(NLL), backward and Adam update, the batches' loading, validation's forward (loss and maps) and its
+tree-NFA level (`threshold_calibration`), checkpointing, and the rest (start-up, logging, callbacks);
+below the table, the run's peak resident memory. Without `--epochs` the run has the recipe's own
+schedule (300 optimizer steps); `--epochs N` trains N whole epochs instead (no step limit). Run it twice
+with other overrides (e.g. `-- trainer.precision=32-true`) to compare recipes; the per-step rows scale
+with the number of steps, the cache fill does not.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def profiled_fit(images: int, epochs: int | None, overrides: list[str], folder: Path) -> tuple[dict, float, float]:
+def profiled_fit(
+    images: int, epochs: int | None, overrides: list[str], folder: Path
+) -> tuple[dict, float, float]:
     """Action -> total seconds of the profiler, the fit's seconds and the cache fill's seconds."""
     schedule = [] if epochs is None else [f"trainer.max_epochs={epochs}", "trainer.max_steps=-1"]
     command = [

@@ -38,7 +38,10 @@ from uflow_exp.models.uflow.lightning_module import UFlowModule
 def scale_nll(z: list[torch.Tensor], size: int) -> torch.Tensor:
     """(B, S, size, size): each scale's negative log-likelihood per pixel (0.5 mean_c z^2), upsampled."""
     nll = [0.5 * zs.pow(2).mean(dim=1, keepdim=True) for zs in z]
-    up = [torch.nn.functional.interpolate(n, size=(size, size), mode="bilinear", align_corners=False) for n in nll]
+    up = [
+        torch.nn.functional.interpolate(n, size=(size, size), mode="bilinear", align_corners=False)
+        for n in nll
+    ]
     return torch.cat(up, dim=1)
 
 
@@ -58,7 +61,9 @@ def variants(n_scales: int) -> dict[str, Callable[[list[torch.Tensor], int], tor
     return maps
 
 
-def test_latents(run: Path) -> tuple[UFlowModule, list[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]]]:
+def test_latents(
+    run: Path,
+) -> tuple[UFlowModule, list[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]]]:
     """The run's best checkpoint and, per test batch, its latents, masks and labels."""
     cfg = OmegaConf.load(run / "config_resolved.yaml")
     best = [p for p in sorted((run / "checkpoints").glob("*.ckpt")) if p.name != "last.ckpt"]

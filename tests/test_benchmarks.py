@@ -166,7 +166,11 @@ def test_map_variants_start_from_what_the_run_tested(tmp_path):
     from uflow_exp.tasks.train import train
 
     root = fake_layouts.make_mvtec(tmp_path / "data", n_train=8, size=64)
-    train(compose_train([*TINY, "dataset=mvtec", f"dataset.root={root}", "trainer.max_epochs=2"], tmp_path / "run"))
+    train(
+        compose_train(
+            [*TINY, "dataset=mvtec", f"dataset.root={root}", "trainer.max_epochs=2"], tmp_path / "run"
+        )
+    )
     tested = json.loads((tmp_path / "run" / "metrics.json").read_text())
     out = run(sys.executable, "benchmarks/bench_maps.py", str(tmp_path / "run"))
     rows = {row[0]: [float(cell) for cell in row[1:]] for row in table_rows(out, "") if row[0][0].isalnum()}

@@ -294,6 +294,26 @@ def test_mvtec_without_ground_truth_has_image_labels_only(tmp_path):
     dm = ready("mvtec", root=str(root), category="bottle")
     assert labels(dm.test_dataset) == [0, 0, 1, 1]
     assert [bool(dm.test_dataset[i]["has_mask"]) for i in range(4)] == [True, True, False, False]
+    # the label comes from the folder, not from the (empty) mask
+    assert [int(dm.test_dataset[i]["label"]) for i in range(4)] == [0, 0, 1, 1]
+
+
+def test_under_ddp_each_rank_evaluates_its_own_images_and_none_twice(monkeypatch):
+    """5 test images on 2 processes: 3 and 2, every image once (a DistributedSampler would pad rank 1
+    with a repeat of image 0, which would count twice in the metrics)."""
+    import torch.distributed as dist
+
+    from uflow_exp.data.datamodule import _evaluation_sampler
+
+    assert _evaluation_sampler(list(range(5))) is None  # one process: the loader's own order
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *args: 2)
+    shards = []
+    for rank in (0, 1):
+        monkeypatch.setattr(dist, "get_rank", lambda *args, rank=rank: rank)
+        shards.append(list(_evaluation_sampler(list(range(5)))))
+    assert shards == [[0, 2, 4], [1, 3]]
 
 
 # --- the shared reading path ---------------------------------------------------------------------

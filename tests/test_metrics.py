@@ -126,9 +126,13 @@ def test_perfect_maps_score_one():
     seg = gt.clone()
     metrics = AnomalyMetrics(n_bins=100)
     metrics.update(gt.float(), gt, seg, labels=image_labels(gt))
-    assert metrics.compute() == pytest.approx(
+    result = metrics.compute()
+    normal = int((image_labels(gt) == 0).sum())
+    assert result.pop("false_alarm_rate_ci_high") == pytest.approx(1 - 0.025 ** (1 / normal))  # 0 of n
+    assert result == pytest.approx(
         {"image_auroc": 1, "pixel_auroc": 1, "pixel_aupro": 1, "best_miou": 1, "miou": 1, "pixel_f1": 1,
-         "false_alarm_rate": 0, "detection_precision": 1, "detection_recall": 1, "miou_anomalous": 1}
+         "false_alarm_rate": 0, "false_alarm_rate_ci_low": 0, "detection_precision": 1,
+         "detection_recall": 1, "oracle_recall_at_false_alarms": 1, "miou_anomalous": 1}
     )  # fmt: skip
 
 
@@ -187,13 +191,22 @@ def test_detection_operating_point_by_hand():
     seg[0, 0, 1, 1] = True  # hit: IoU 1
     seg[1, 0, 3, 3] = True  # detected, but elsewhere: IoU ~ 0
     seg[3, 0, 0, 0] = True  # a false alarm on a normal image; images 2, 4 and 5 left clean
+    amap = torch.zeros(6, 1, 4, 4)
+    amap[:, 0, 2, 2] = torch.tensor([0.9, 0.5, 0.3, 0.6, 0.4, 0.1])  # each image's score (its max)
     metrics = AnomalyMetrics(n_bins=10)
-    metrics.update(torch.rand(gt.shape), gt, seg, labels=image_labels(gt))
+    metrics.update(amap, gt, seg, labels=image_labels(gt))
     result = compute_quietly(metrics)
     assert result["false_alarm_rate"] == pytest.approx(1 / 3)  # 1 of 3 normal images
     assert result["detection_recall"] == pytest.approx(2 / 3)  # 2 of 3 anomalous images
     assert result["detection_precision"] == pytest.approx(2 / 3)  # 2 of the 3 flagged images
     assert result["miou_anomalous"] == (1 + 0 + 0) / 3  # a missed defect scores 0 exactly
+    # exact 95 % interval of 1 flagged in 3: P(X >= 1 | low) = P(X <= 1 | high) = 2.5 %
+    low, high = result["false_alarm_rate_ci_low"], result["false_alarm_rate_ci_high"]
+    assert low == pytest.approx(1 - 0.975 ** (1 / 3), rel=1e-6)
+    assert (1 - high) ** 3 + 3 * high * (1 - high) ** 2 == pytest.approx(0.025, rel=1e-6)
+    # one false alarm allowed: a threshold may flag the 0.6 normal image, not the 0.4 one, so it
+    # finds the anomalous images scored 0.9 and 0.5, not the 0.3 one
+    assert result["oracle_recall_at_false_alarms"] == pytest.approx(2 / 3)
     # Undefined rates are NaN, not a convention: no detections at all, no normal images.
     empty = AnomalyMetrics(n_bins=10)
     empty.update(torch.rand(3, 1, 4, 4), gt[:3], torch.zeros_like(gt[:3]), labels=image_labels(gt[:3]))
@@ -409,7 +422,15 @@ def test_pixel_metrics_skip_images_without_pixel_truth():
     full = AnomalyMetrics(n_bins=200)
     full.update(scores, gt, labels=labels)
     a, b, c = (compute_quietly(m) for m in (with_gap, masked_only, full))
-    image_level = {"image_auroc", "false_alarm_rate", "detection_precision", "detection_recall"}
+    image_level = {
+        "image_auroc",
+        "false_alarm_rate",
+        "false_alarm_rate_ci_low",
+        "false_alarm_rate_ci_high",
+        "detection_precision",
+        "detection_recall",
+        "oracle_recall_at_false_alarms",
+    }
     assert {k: v for k, v in a.items() if k not in image_level} == {
         k: v for k, v in b.items() if k not in image_level
     }

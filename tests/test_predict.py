@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tests import fake_layouts
@@ -23,14 +24,17 @@ ROOT = Path(__file__).resolve().parents[1]
 GOOD = {"rgb_small.png": (48, 40), "rgb_wide.png": (150, 70), "grey.png": (60, 90), "deep16.png": (33, 57)}
 
 
-def _train(tmp: Path, threshold: str) -> Path:
-    root = fake_layouts.make_mvtec(tmp / "data", n_train=6, size=64)
-    train(
-        compose_train(
-            [*TINY, "dataset=mvtec", f"dataset.root={root}", f"threshold={threshold}", "test=false"],
-            tmp / "run",
-        )
-    )
+def _train(tmp: Path, threshold: str, *extra: str) -> Path:
+    root = fake_layouts.make_mvtec(tmp / "data", n_train=10, size=64)  # 2 normal validation images
+    overrides = [
+        *TINY,
+        "dataset=mvtec",
+        f"dataset.root={root}",
+        f"threshold={threshold}",
+        "test=false",
+        *extra,
+    ]
+    train(compose_train(overrides, tmp / "run"))
     return tmp / "run" / "checkpoints" / "last.ckpt"
 
 
@@ -179,6 +183,40 @@ def test_threshold_override_applies_another_nfa_mode(checkpoint, inputs, tmp_pat
         _predict(
             tmp_path / "no.ckpt", tmp_path / "no_input", tmp_path / "quantile", "threshold=normal_quantile"
         )
+
+
+def test_a_false_alarm_rate_sets_the_level_from_the_checkpoints_normal_scores(inputs, tmp_path):
+    """threshold.false_alarm_rate alone keeps the checkpoint's mode and takes its level from the
+    normal validation scores the checkpoint stores: no validation images needed."""
+    from uflow_exp.thresholds import conformal_rank
+    from uflow_exp.utils.checks import ConfigValueError
+
+    # a one-epoch model's normal scores lie below the NFA's level 0 (let the calibration decide alone),
+    # and are all alike: make the least unusual normal image score far lower
+    checkpoint = _train(tmp_path, "nfa_tree", "threshold.log_nfa_threshold=-1e6")
+    saved = torch.load(checkpoint, weights_only=True)
+    saved["state_dict"]["threshold.normal_scores"][0] = -50.0
+    torch.save(saved, checkpoint)
+    stored = UFlowModule.from_checkpoint(str(checkpoint)).threshold
+    scores = stored.normal_scores
+    assert scores.numel() >= 2 and float(scores[-1]) == float(stored.calibrated_level)
+    rate = 0.9  # k = 1: the smallest of the normal scores, below the default (their largest)
+    level = float(scores[conformal_rank(len(scores), rate) - 1])
+    assert level < stored.level
+    rows = _rows_of(_predict_ok(checkpoint, inputs, tmp_path / "rate", f"threshold.false_alarm_rate={rate}"))
+    assert [r["decision"] for r in rows] == [
+        "anomalous" if float(r["max_neg_log10_nfa"]) > level else "normal" for r in rows
+    ]
+    assert {r["decision"] for r in rows} == {"anomalous"}  # every input scores above -50 ...
+    default = _rows_of(_predict_ok(checkpoint, inputs, tmp_path / "default"))
+    assert [r["max_neg_log10_nfa"] for r in rows] == [r["max_neg_log10_nfa"] for r in default]
+    assert [r["decision"] for r in default] == [
+        "anomalous" if float(r["max_neg_log10_nfa"]) > stored.level else "normal" for r in default
+    ]  # ... the default level, the largest normal score, decides as before
+    resolved = (tmp_path / "rate" / "run" / "config_resolved.yaml").read_text()
+    assert "NFATreeThreshold" in resolved and f"false_alarm_rate: {rate}" in resolved
+    with pytest.raises(ConfigValueError, match=r"false_alarm_rate=1.5.*must lie in \(0, 1\)"):
+        _predict(checkpoint, inputs, tmp_path / "bad", "threshold.false_alarm_rate=1.5")
 
 
 def _predict_ok(ckpt: Path, input_: Path, out: Path, *extra: str) -> Path:

@@ -12,6 +12,7 @@ from uflow_exp.thresholds import (
     NFATreeThreshold,
     NormalQuantileThreshold,
     Segmentation,
+    conformal_rank,
 )
 
 N_BINS = 1000
@@ -184,6 +185,69 @@ def test_calibrate_on_normal_takes_the_largest_significance_of_normal_validation
     assert target.level == threshold.level
 
 
+@pytest.mark.parametrize(
+    ("n", "rate", "rank"),
+    [(99, 0.01, 99), (70, 0.05, 68), (19, 0.05, 19), (9, 0.05, 9), (9, 0.5, 5), (1, 0.4, 1)],
+)
+def test_the_conformal_rank_of_a_false_alarm_rate(n, rate, rank):
+    assert conformal_rank(n, rate) == rank
+
+
+@pytest.mark.parametrize(("n", "rate"), [(50, 0.1), (20, 0.2), (70, 0.05)])
+def test_a_new_normal_image_is_flagged_at_most_at_the_promised_rate(n, rate):
+    """Exchangeable normal scores: thresholding at the conformal rank of n of them flags a new one
+    with probability (n + 1 - k) / (n + 1) <= rate (a rank one lower would break the promise)."""
+    scores = torch.rand(40_000, n + 1, generator=torch.Generator().manual_seed(n))
+    k = conformal_rank(n, rate)
+    flagged = (scores[:, n] > scores[:, :n].sort(dim=1).values[:, k - 1]).double().mean().item()
+    promised = (n + 1 - k) / (n + 1)
+    assert promised <= rate and promised + 1 / (n + 1) > rate  # the least strict level that keeps it
+    assert flagged == pytest.approx(promised, abs=0.006)
+
+
+def calibrated_on(scores: list[float], **options) -> NFATreeThreshold:
+    """A calibrated tree-NFA threshold whose normal validation images scored ``scores``."""
+    threshold = NFATreeThreshold(calibrate_on_normal=True, **options)
+    threshold._normal_scores.update(torch.tensor(scores))
+    threshold.calibrate()
+    return threshold
+
+
+def test_a_false_alarm_rate_sets_the_level_from_the_stored_normal_scores(caplog):
+    scores = [float(s) for s in torch.linspace(1.0, 20.0, 20)]  # 1, 2, ..., 20
+    strictest = calibrated_on(scores)
+    assert strictest.level == 20.0 and strictest.promised_false_alarm_rate == pytest.approx(1 / 21)
+    threshold = calibrated_on(scores, false_alarm_rate=0.2)
+    # k = ceil(21 * 0.8) = 17: flagged above the 17th smallest score, at most 4/21 of normal images
+    assert threshold.level == 17.0 and threshold.promised_false_alarm_rate == pytest.approx(4 / 21)
+    assert threshold.normal_scores.tolist() == scores and float(threshold.calibrated_level) == 20.0
+    # another rate on a loaded checkpoint: no validation pass, the stored scores decide
+    loaded = NFATreeThreshold(calibrate_on_normal=True)
+    loaded.load_state_dict(threshold.state_dict())
+    loaded.set_false_alarm_rate(0.5)
+    assert loaded.level == 11.0  # k = ceil(21 * 0.5) = 11
+    segmented = loaded.segment(noisy_latents(0, spread=1.6), torch.rand(6, 1, 32, 32))
+    assert torch.equal(segmented.mask, segmented.significance > 11.0)
+    # a rate n images cannot support: the strictest level, and the log says how many are needed
+    caplog.set_level("INFO", logger="uflow_exp.thresholds")
+    strict = calibrated_on(scores, false_alarm_rate=0.01)
+    assert strict.level == 20.0 and strict.promised_false_alarm_rate == pytest.approx(1 / 21)
+    assert "cannot be promised with 20 normal validation images (at least 99 are needed)" in caplog.text
+
+
+def test_a_false_alarm_rate_is_refused_where_it_cannot_apply():
+    with pytest.raises(ValueError, match="needs threshold.calibrate_on_normal=true"):
+        NFATreeThreshold(false_alarm_rate=0.05)
+    with pytest.raises(ValueError, match=r"must lie in \(0, 1\).*got 5"):
+        NFATreeThreshold(calibrate_on_normal=True, false_alarm_rate=5)
+    # a checkpoint calibrated before the scores were stored: its largest score still works ...
+    old = NFATreeThreshold(calibrate_on_normal=True)
+    old.load_state_dict({"calibrated_level": torch.tensor(7.5)})
+    assert old.level == 7.5 and old.normal_scores.numel() == 0
+    with pytest.raises(RuntimeError, match="recalibrate it with `python -m uflow_exp.evaluate"):
+        old.set_false_alarm_rate(0.05)  # ... a rate needs them, and is refused at once
+
+
 def test_calibrate_on_normal_never_lowers_the_nfa_level():
     z = noisy_latents(1, spread=0.5)  # under-dispersed: nothing significant on any image
     threshold = NFATreeThreshold(log_nfa_threshold=0.0, calibrate_on_normal=True, clip_lower_tail=True)
@@ -207,4 +271,4 @@ def test_calibrate_on_normal_refuses_without_calibration_or_normal_images():
 def test_uncalibrated_nfa_modes_keep_the_state_dict_of_older_checkpoints(mode):
     assert mode().state_dict() == {}  # checkpoints written before calibrate_on_normal load strictly
     mode().load_state_dict({})
-    assert list(mode(calibrate_on_normal=True).state_dict()) == ["calibrated_level"]
+    assert list(mode(calibrate_on_normal=True).state_dict()) == ["calibrated_level", "normal_scores"]

@@ -206,7 +206,14 @@ def test_evaluate_reproduces_the_test_metrics_of_training(tmp_path):
 
     root = fake_layouts.make_mvtec(tmp_path / "data", n_train=6, size=64)
     data = ["dataset=mvtec", f"dataset.root={root}", "dataset.num_workers=0"]
-    trained = train(compose_train([*TINY, *data], tmp_path / "run"))
+    # the published tree NFA, its level left to the calibration: a one-epoch model's normal images then
+    # score apart (with the default switches they all score the same, below level 0)
+    published = [
+        "threshold.clip_lower_tail=false",
+        "threshold.tests_by_size=false",
+        "threshold.log_nfa_threshold=-1e6",
+    ]
+    trained = train(compose_train([*TINY, *data, *published], tmp_path / "run"))
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     cfg = compose_train([*data, "logger=csv", "trainer=cpu", f"ckpt_path={ckpt}"], tmp_path / "eval", "eval")
     evaluated = evaluate(cfg)
@@ -225,7 +232,14 @@ def test_evaluate_without_a_data_set_takes_the_checkpoints_run_and_says_so(tmp_p
 
     root = fake_layouts.make_mvtec(tmp_path / "data", n_train=6, size=64)
     data = ["dataset=mvtec", f"dataset.root={root}", "dataset.num_workers=0"]
-    trained = train(compose_train([*TINY, *data], tmp_path / "run"))
+    # the published tree NFA, its level left to the calibration: a one-epoch model's normal images then
+    # score apart (with the default switches they all score the same, below level 0)
+    published = [
+        "threshold.clip_lower_tail=false",
+        "threshold.tests_by_size=false",
+        "threshold.log_nfa_threshold=-1e6",
+    ]
+    trained = train(compose_train([*TINY, *data, *published], tmp_path / "run"))
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     caplog.set_level("INFO")
     evaluated = evaluate(
@@ -255,6 +269,37 @@ def test_evaluate_rethresholds_a_checkpoint_without_retraining(tmp_path):
     for key in ("test/miou", "test/pixel_f1", "test/false_alarm_rate", "test/detection_recall"):
         assert evaluated[key] == pytest.approx(quantile[key], rel=1e-6, nan_ok=True), key
     assert "NormalQuantileThreshold" in (tmp_path / "eval" / "config_resolved.yaml").read_text()
+
+
+def test_evaluate_recalibrates_at_a_false_alarm_rate_and_reports_what_it_promises(tmp_path):
+    from uflow_exp.tasks.evaluate import evaluate
+    from uflow_exp.thresholds import conformal_rank
+
+    root = fake_layouts.make_mvtec(tmp_path / "data", n_train=20, n_test_good=4, size=64)
+    data = ["dataset=mvtec", f"dataset.root={root}", "dataset.num_workers=0"]
+    # the published tree NFA, its level left to the calibration: a one-epoch model's normal images then
+    # score apart (with the default switches they all score the same, below level 0)
+    published = [
+        "threshold.clip_lower_tail=false",
+        "threshold.tests_by_size=false",
+        "threshold.log_nfa_threshold=-1e6",
+    ]
+    trained = train(compose_train([*TINY, *data, *published], tmp_path / "run"))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    scores = UFlowModule.from_checkpoint(str(ckpt)).threshold.normal_scores
+    n = len(scores)  # 4 normal validation images: the default promises 1/5
+    assert n == 4 and trained["test/promised_false_alarm_rate"] == pytest.approx(1 / 5)
+    command = [*data, "logger=csv", "trainer=cpu", f"ckpt_path={ckpt}", "threshold.false_alarm_rate=0.5"]
+    evaluated = evaluate(compose_train(command, tmp_path / "eval", "eval"))
+    k = conformal_rank(n, 0.5)  # ceil(5 * 0.5) = 3: at most 2/5 of new normal images flagged
+    assert evaluated["test/promised_false_alarm_rate"] == pytest.approx((n + 1 - k) / (n + 1))
+    assert len(set(scores.tolist())) == n and float(scores[k - 1]) < float(scores[-1])
+    assert evaluated["test/threshold_level"] == pytest.approx(float(scores[k - 1]), rel=1e-5)
+    for key in ("false_alarm_rate", "false_alarm_rate_ci_low", "false_alarm_rate_ci_high",
+                "oracle_recall_at_false_alarms"):  # fmt: skip
+        assert 0 <= evaluated[f"test/{key}"] <= 1, key
+    assert evaluated["test/false_alarm_rate_ci_low"] <= evaluated["test/false_alarm_rate"]
+    assert "false_alarm_rate: 0.5" in (tmp_path / "eval" / "config_resolved.yaml").read_text()
 
 
 def test_evaluate_takes_a_checkpoint_of_the_authors_release(tmp_path):

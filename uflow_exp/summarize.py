@@ -49,6 +49,7 @@ METRICS = {
     "test/best_miou": "best single-threshold mIoU (%)",
     "test/false_alarm_rate": "false alarms (%)",
     "test/detection_recall": "detection recall (%)",
+    "test/oracle_recall_at_false_alarms": "oracle recall, as many false alarms (%)",
 }
 COLUMNS = [
     "job",

@@ -2,7 +2,8 @@
 
 ``nfa_tree`` / ``nfa_block`` need no labels: a pixel is anomalous where -log10 NFA exceeds
 ``log_nfa_threshold`` (0: under one expected false alarm per image), or, with
-``calibrate_on_normal``, the largest -log10 NFA of the held-out normal images if that is higher.
+``calibrate_on_normal``, the largest -log10 NFA of the held-out normal images if that is higher (or,
+with ``false_alarm_rate``, the level that flags at most that share of new normal images).
 ``normal_quantile`` calibrates on held-out normal images (unsupervised); ``f1_adaptive`` calibrates
 on labelled validation images (for comparison only). Calibrated values are buffers, so they travel
 in checkpoints and evaluation / prediction reuse them.
@@ -10,15 +11,20 @@ in checkpoints and evaluation / prediction reuse them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
-from torchmetrics.aggregation import MaxMetric
+from torchmetrics.aggregation import CatMetric
 
 from uflow_exp.metrics.pixel import PixelHistogram
 from uflow_exp.nfa import block_nfa, tree_nfa
+
+log = logging.getLogger(__name__)
 
 
 class Segmentation(NamedTuple):
@@ -27,6 +33,28 @@ class Segmentation(NamedTuple):
 
     mask: Tensor
     significance: Tensor
+
+
+def conformal_rank(n: int, rate: float) -> int:
+    """The rank k (1 = smallest) of the n held-out normal scores to threshold at ("flagged: score
+    above the k-th smallest") so that a new normal image, exchangeable with them, is flagged with
+    probability at most ``rate``: that probability is at most (n + 1 - k) / (n + 1), so
+    k = ceil((n + 1)(1 - rate)). A rate below 1 / (n + 1) needs k > n, which n images cannot support:
+    then k = n (the largest score), which promises 1 / (n + 1)."""
+    if n < 1:
+        raise ValueError("no normal validation image to calibrate on")
+    return min(n, math.ceil((n + 1) * (1.0 - rate) - 1e-9))  # - 1e-9: (n + 1)(1 - rate) may round up
+
+
+def threshold_override(node: Mapping[str, Any] | None) -> tuple[dict | None, float | None]:
+    """What ``threshold=<mode>`` and ``threshold.false_alarm_rate=R`` on an evaluate or predict
+    command ask for: a whole mode's config (with ``_target_``; the rate, if any, inside it), or only
+    a rate for the checkpoint's own mode (None: keep the checkpoint's)."""
+    node = dict(node or {})
+    rate = node.pop("false_alarm_rate", None)
+    if "_target_" not in node:
+        return None, rate
+    return (node if rate is None else {**node, "false_alarm_rate": rate}), None
 
 
 class Threshold(nn.Module):
@@ -68,7 +96,9 @@ class _NFAThreshold(Threshold):
     significant. With ``calibrate_on_normal`` the level is raised to the largest -log10 NFA of any
     held-out normal validation image (never lowered below ``log_nfa_threshold``): no validation image
     without a defect is flagged, and the NFA keeps ranking the regions. Unsupervised: it uses only
-    images whose mask is empty.
+    images whose mask is empty. ``false_alarm_rate`` (with ``calibrate_on_normal``) lowers it to the
+    level that flags at most that share of new normal images, by the finite-sample (conformal) rank
+    of the normal validation images' largest -log10 NFA (``conformal_rank``); None: the largest.
 
     ``scales``: the NFA tests the ``scales`` finest latent scales only (None: all). A latent pixel of
     the coarsest scale of a deep backbone covers 32 x 32 image pixels, so when that scale is tested its
@@ -78,7 +108,11 @@ class _NFAThreshold(Threshold):
     significance = "neg_log10_nfa"
 
     def __init__(
-        self, log_nfa_threshold: float = 0.0, calibrate_on_normal: bool = False, scales: int | None = None
+        self,
+        log_nfa_threshold: float = 0.0,
+        calibrate_on_normal: bool = False,
+        scales: int | None = None,
+        false_alarm_rate: float | None = None,
     ) -> None:
         super().__init__()
         if scales is not None and scales < 1:
@@ -88,10 +122,39 @@ class _NFAThreshold(Threshold):
         self.log_nfa_threshold = log_nfa_threshold
         self.scales = scales
         self.calibrate_on_normal = calibrate_on_normal
+        self.false_alarm_rate = self._checked_rate(false_alarm_rate)
         # the largest significance of a normal validation image; NaN until calibrated. In checkpoints
         # only when used, so that those of uncalibrated NFA modes (all, before the option) still load.
         self.register_buffer("calibrated_level", torch.tensor(float("nan")), persistent=calibrate_on_normal)
-        self._normal_max = MaxMetric(nan_strategy="error")  # synced over processes under DDP
+        # every normal validation image's largest significance, sorted: a checkpoint keeps them, so that
+        # another false_alarm_rate needs no validation pass (empty in checkpoints written before)
+        self.register_buffer("normal_scores", torch.empty(0), persistent=calibrate_on_normal)
+        self._normal_scores = CatMetric(nan_strategy="error")  # concatenated over processes under DDP
+
+    def _checked_rate(self, rate: float | None) -> float | None:
+        if rate is None:
+            return None
+        if not self.calibrate_on_normal:
+            raise ValueError(
+                "threshold.false_alarm_rate sets the level on held-out normal images: it needs "
+                "threshold.calibrate_on_normal=true"
+            )
+        if not 0.0 < float(rate) < 1.0:
+            raise ValueError(f"threshold.false_alarm_rate must lie in (0, 1) (images per image), got {rate}")
+        return float(rate)
+
+    def set_false_alarm_rate(self, rate: float | None) -> None:
+        """Another share of normal images to flag, from the stored normal scores (no validation pass)."""
+        self.false_alarm_rate = self._checked_rate(rate)
+        if self.calibrated:
+            self._normal_level()  # refuses a checkpoint without the scores now, not at the first image
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the stored scores' count is the calibration set's; checkpoints written before have none
+        key = prefix + "normal_scores"
+        if self.calibrate_on_normal:
+            self.normal_scores = torch.empty_like(state_dict.setdefault(key, torch.empty(0)))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def needs_calibration(self) -> bool:
@@ -111,7 +174,30 @@ class _NFAThreshold(Threshold):
                 "validation images (dataset.val_split) and one validation epoch; or set "
                 "threshold.calibrate_on_normal=false for the uncalibrated level"
             )
-        return max(float(self.log_nfa_threshold), float(self.calibrated_level))
+        return max(float(self.log_nfa_threshold), self._normal_level())
+
+    def _normal_level(self) -> float:
+        if self.false_alarm_rate is None:
+            return float(self.calibrated_level)
+        n = self.normal_scores.numel()
+        if n == 0:
+            raise RuntimeError(
+                "threshold.false_alarm_rate: this checkpoint keeps only the largest normal validation "
+                "score (it was calibrated before the option existed): recalibrate it with "
+                "`python -m uflow_exp.evaluate ckpt_path=... threshold.false_alarm_rate=...`"
+            )
+        return float(self.normal_scores[conformal_rank(n, self.false_alarm_rate) - 1])
+
+    @property
+    def promised_false_alarm_rate(self) -> float:
+        """The share of new normal images the calibrated level flags at most (``(n + 1 - k) / (n + 1)``
+        for the k-th of n normal scores; NaN without calibration on normal images). A level raised to
+        ``log_nfa_threshold`` flags fewer."""
+        n = self.normal_scores.numel()
+        if not self.calibrate_on_normal or n == 0:
+            return float("nan")
+        k = n if self.false_alarm_rate is None else conformal_rank(n, self.false_alarm_rate)
+        return (n + 1 - k) / (n + 1)
 
     def _neg_log_nfa(self, z: list[Tensor], size: int) -> Tensor:
         raise NotImplementedError
@@ -129,17 +215,35 @@ class _NFAThreshold(Threshold):
         normal = ~mask.flatten(1).any(1)
         if normal.any():
             significance = self._significance([t[normal] for t in z], amap.shape[-1], amap.device)
-            self._normal_max.update(significance.amax())
+            self._normal_scores.update(significance.flatten(1).amax(dim=1))
 
     def calibrate(self) -> None:
         if not self.calibrate_on_normal:
             return
-        if not self._normal_max.update_called:
+        if not self._normal_scores.update_called:
             raise RuntimeError(
                 f"{type(self).__name__}: the validation set held no normal image to calibrate on"
             )
-        self.calibrated_level.fill_(float(self._normal_max.compute()))
-        self._normal_max.reset()
+        scores = self._normal_scores.compute().reshape(-1).float().sort().values
+        self._normal_scores.reset()
+        self.normal_scores = scores.to(self.calibrated_level.device)
+        self.calibrated_level.fill_(float(scores[-1]))
+        self._log_promise()
+
+    @rank_zero_only
+    def _log_promise(self) -> None:
+        n, rate = self.normal_scores.numel(), self.false_alarm_rate
+        promised = self.promised_false_alarm_rate
+        if rate is not None and rate < promised:
+            log.warning(
+                "threshold.false_alarm_rate=%g cannot be promised with %d normal validation images (at "
+                "least %d are needed): using the strictest level they support, which flags at most %.3g "
+                "of new normal images", rate, n, math.ceil(1.0 / rate - 1.0 - 1e-9), promised,
+            )  # fmt: skip
+        log.info(
+            "%s: level %.4g (-log10 NFA) from %d normal validation images flags at most %.3g of new "
+            "normal images", type(self).__name__, self.level, n, promised,
+        )  # fmt: skip
 
 
 class NFATreeThreshold(_NFAThreshold):
@@ -153,8 +257,9 @@ class NFATreeThreshold(_NFAThreshold):
         tests_by_size: bool = False,
         calibrate_on_normal: bool = False,
         scales: int | None = None,
+        false_alarm_rate: float | None = None,
     ) -> None:
-        super().__init__(log_nfa_threshold, calibrate_on_normal, scales)
+        super().__init__(log_nfa_threshold, calibrate_on_normal, scales, false_alarm_rate)
         self.clip_lower_tail = clip_lower_tail
         self.tests_by_size = tests_by_size
 
@@ -172,8 +277,9 @@ class NFABlockThreshold(_NFAThreshold):
         probability: float = 0.9,
         calibrate_on_normal: bool = False,
         scales: int | None = None,
+        false_alarm_rate: float | None = None,
     ) -> None:
-        super().__init__(log_nfa_threshold, calibrate_on_normal, scales)
+        super().__init__(log_nfa_threshold, calibrate_on_normal, scales, false_alarm_rate)
         self.win_size = win_size
         self.probability = probability
 

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import BinaryF1Score, BinaryStatScores
 
-from uflow_exp.metrics.image import ImageAUROC
+from uflow_exp.metrics.image import ImageAUROC, best_recall
 from uflow_exp.metrics.pixel import DEFAULT_N_BINS, DEFAULT_WARN_BOUND, BestMIoU, PixelAUPRO, PixelAUROC
 from uflow_exp.metrics.segmentation import SegmentationMIoU
 
@@ -15,8 +15,9 @@ from uflow_exp.metrics.segmentation import SegmentationMIoU
 class AnomalyMetrics(nn.Module):
     """Image AUROC, pixel AUROC, pixel AUPRO@0.3, best single-threshold mIoU and, given segmentations,
     mIoU, pixel F1 and the operating point of "any pixel detected" as an image decision: its false-alarm
-    rate on normal images, its precision and recall on anomalous ones, and the mIoU over anomalous
-    images alone.
+    rate on normal images with its 95 % (Clopper-Pearson) interval, its precision and recall on
+    anomalous ones, the best recall any image-score threshold reaches with as few false alarms (an
+    oracle: it reads the test labels), and the mIoU over anomalous images alone.
 
     Inputs per batch: ``anomaly_map`` (B, 1, H, W) float in [0, 1], ``gt_mask`` (B, 1, H, W) bool or 0/1 at
     the same size, ``labels`` (B,) 1 for anomalous images, optionally ``has_mask`` (B,) bool (False for an
@@ -109,14 +110,24 @@ class AnomalyMetrics(nn.Module):
         return values | {name: float(metric.compute()) for name, metric in metrics.items()}
 
     def _detection_rates(self) -> dict[str, float]:
-        """False-alarm rate (normal images with any detection), precision and recall of "any pixel
-        detected"; NaN where undefined (no normal images, no detections, no anomalous images)."""
-        tp, fp, tn, fn, _ = (float(x) for x in self.detection.compute())
+        """False-alarm rate (normal images with any detection) with its exact 95 % binomial interval
+        over the normal test images, precision and recall of "any pixel detected", and the oracle
+        recall at the same number of false alarms; NaN where undefined (no normal images, no
+        detections, no anomalous images)."""
+        from scipy.stats import binomtest
+
+        tp, fp, tn, fn, _ = (int(x) for x in self.detection.compute())
         ratio = lambda num, den: num / den if den else float("nan")  # noqa: E731
+        low = high = float("nan")
+        if fp + tn:
+            low, high = binomtest(fp, fp + tn).proportion_ci(confidence_level=0.95, method="exact")
         return {
             "false_alarm_rate": ratio(fp, fp + tn),
+            "false_alarm_rate_ci_low": float(low),
+            "false_alarm_rate_ci_high": float(high),
             "detection_precision": ratio(tp, tp + fp),
             "detection_recall": ratio(tp, tp + fn),
+            "oracle_recall_at_false_alarms": best_recall(*self.image_auroc.scores_and_labels(), fp),
         }
 
     def curves(self) -> dict[str, tuple[Tensor, Tensor]]:

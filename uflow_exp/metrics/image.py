@@ -10,6 +10,19 @@ from torchmetrics.utilities import dim_zero_cat
 from uflow_exp.metrics._common import warn_undefined
 
 
+def best_recall(scores: Tensor, labels: Tensor, false_alarms: int) -> float:
+    """The largest share of anomalous images (label 1) that any threshold on the image scores flags
+    ("score above t") while flagging at most ``false_alarms`` normal images; NaN without anomalous
+    images. It reads the test labels: an oracle to compare a threshold with, not a threshold."""
+    anomalous, normal = scores[labels == 1], scores[labels == 0].sort(descending=True).values
+    if not len(anomalous):
+        return float("nan")
+    if false_alarms >= len(normal):
+        return 1.0
+    # t may not flag the (false_alarms + 1)-th highest normal score
+    return float((anomalous > normal[false_alarms]).double().mean())
+
+
 class ImageAUROC(Metric):
     """Exact AUROC of the per-image maximum anomaly score against each image's label (1 anomalous).
 
@@ -39,6 +52,11 @@ class ImageAUROC(Metric):
             )
         self.scores.append(anomaly_map.detach().flatten(1).amax(dim=1).float())
         self.labels.append(labels.detach().long().to(self.scores[-1].device))
+
+    def scores_and_labels(self) -> tuple[Tensor, Tensor]:
+        """Every image's score and label seen so far, over all processes (call on every rank)."""
+        with self.sync_context(should_unsync=True):
+            return dim_zero_cat(self.scores), dim_zero_cat(self.labels)
 
     def compute(self) -> Tensor:
         # After a DDP sync the list states are already concatenated tensors.

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from uflow_exp.models.uflow.lightning_module import UFlowModule
 from uflow_exp.onnx_runner import apply_backend
+from uflow_exp.thresholds import threshold_override
 from uflow_exp.utils import instantiate_dict, print_config, require_checkpoint, write_metrics
 from uflow_exp.utils.checks import ConfigValueError
 from uflow_exp.utils.runs import run_config_path
@@ -59,12 +60,15 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test metrics of ``cfg.ckpt_path`` on ``cfg.dataset`` (none: the data set the checkpoint's run
     trained on), thresholded with the checkpoint's mode or,
     given ``threshold=<mode>``, with that one (a calibrated mode is calibrated on the validation split
-    first); ``config_resolved.yaml`` records the threshold that ran."""
+    first), and given ``threshold.false_alarm_rate=R``, at that rate (recalibrated);
+    ``config_resolved.yaml`` records the threshold that ran."""
     ckpt = Path(cfg.ckpt_path)
     checkpoint = read_checkpoint(ckpt, cfg.get("trust_checkpoint", False))
     hparams = checkpoint.get("hyper_parameters")
     ours = isinstance(hparams, dict) and isinstance(hparams.get("backbone"), dict)
-    override = cfg.get("threshold")
+    override, rate = threshold_override(
+        OmegaConf.to_container(cfg.threshold) if cfg.get("threshold") else None
+    )
     with open_dict(cfg):
         if cfg.get("dataset") is None:
             cfg.dataset = run_dataset(ckpt)
@@ -76,6 +80,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             cfg.backbone.pretrained = False
             cfg.backbone.weights = None
             cfg.threshold = override or REFERENCE_THRESHOLD
+        if rate is not None:
+            cfg.threshold.false_alarm_rate = rate
     output_dir = Path(cfg.paths.output_dir)
     print_config(cfg, output_dir / "config_resolved.yaml")
     if cfg.get("seed") is not None:
@@ -91,12 +97,15 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         model = hydra.utils.instantiate(cfg.model)
         model.model.load_reference_state_dict(checkpoint, require_backbone=True)
         log.info("Loaded %s as a checkpoint of the authors' release", ckpt)
+    if rate is not None:  # the checkpoint's own mode at another rate, recalibrated below
+        model.set_false_alarm_rate(rate, stored=False)
     apply_backend(model, cfg.get("backend", "torch"), cfg.get("onnx_path"), ckpt)
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, logger=instantiate_dict(cfg.get("logger")) or False
     )
-    # a new mode, or a checkpoint saved before its run calibrated it (a run stopped mid-fit)
-    if model.threshold.needs_calibration and (override is not None or not model.threshold.calibrated):
+    # a new mode or rate, or a checkpoint saved before its run calibrated it (a run stopped mid-fit)
+    changed = override is not None or rate is not None
+    if model.threshold.needs_calibration and (changed or not model.threshold.calibrated):
         log.info("Calibrating threshold %s on the validation split", cfg.threshold["_target_"])
         trainer.validate(model, datamodule=datamodule)
     start = time.perf_counter()

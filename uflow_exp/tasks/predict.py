@@ -19,7 +19,7 @@ import hydra
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image, ImageDraw, ImageFont
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Dataset, default_collate
@@ -29,6 +29,7 @@ from uflow_exp.data.io import read_image
 from uflow_exp.data.records import IMAGE_SUFFIXES, list_images, natural_key
 from uflow_exp.models.uflow.lightning_module import UFlowModule
 from uflow_exp.onnx_runner import apply_backend
+from uflow_exp.thresholds import threshold_override
 from uflow_exp.utils import print_config, require_checkpoint
 from uflow_exp.utils.checks import ConfigValueError
 
@@ -194,7 +195,7 @@ class _Writer:
         image.save(self._target(kind, name, suffix))
 
 
-def refuse_uncalibrated(threshold: DictConfig | None) -> None:
+def refuse_uncalibrated(threshold: dict | None) -> None:
     """A ``threshold=`` mode that needs calibration is refused before anything loads."""
     if threshold and hydra.utils.instantiate(threshold).needs_calibration:
         raise ConfigValueError(
@@ -205,11 +206,14 @@ def refuse_uncalibrated(threshold: DictConfig | None) -> None:
         )
 
 
-def _load_module(ckpt: Path, threshold: DictConfig | None, device: torch.device) -> UFlowModule:
-    """The checkpoint's module in eval mode, with ``threshold`` (a config) in place of its own."""
+def _load_module(ckpt: Path, threshold: dict | None, rate: float | None, device: torch.device) -> UFlowModule:
+    """The checkpoint's module in eval mode, with ``threshold`` (a config) in place of its own, or its
+    own at the false-alarm ``rate`` (from the normal validation scores the checkpoint keeps)."""
     module = UFlowModule.from_checkpoint(str(ckpt), map_location=device).eval()
     if threshold:
         module.replace_threshold(threshold)
+    if rate is not None:
+        module.set_false_alarm_rate(rate)
     log.info(
         "Threshold %s: %s > %.4g",
         type(module.threshold).__name__,
@@ -223,11 +227,12 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     """Returns ``{"images": predicted, "failed": unreadable}``; each failure is logged by name."""
     if cfg.raw_map not in RAW_MAPS:
         raise ValueError(f"raw_map must be one of {RAW_MAPS}, got {cfg.raw_map!r}")
-    refuse_uncalibrated(cfg.get("threshold"))
+    mode, rate = threshold_override(OmegaConf.to_container(cfg.threshold) if cfg.get("threshold") else None)
+    refuse_uncalibrated(mode)
     ckpt, files, device = require_checkpoint(cfg.ckpt_path), find_inputs(str(cfg.input)), _device(cfg.device)
     names, output = output_names(files), Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
-    module = _load_module(ckpt, cfg.get("threshold"), device)
+    module = _load_module(ckpt, mode, rate, device)
     apply_backend(module, cfg.get("backend", "torch"), cfg.get("onnx_path"), ckpt)
     with open_dict(cfg):
         cfg.threshold = dict(module.hparams.threshold)  # what ran, in config_resolved.yaml

@@ -115,6 +115,26 @@ class UFlowModule(L.LightningModule):
         self.threshold = hydra.utils.instantiate(_plain(config)).to(self.device)
         self.hparams.threshold = _plain(config)
 
+    def set_false_alarm_rate(self, rate: float, stored: bool = True) -> None:
+        """Set the NFA level so that at most ``rate`` of normal images are flagged. ``stored``: from
+        the normal validation scores the checkpoint keeps (else the caller recalibrates next); the
+        hyper-parameters, and so a checkpoint saved later, record the rate."""
+        from uflow_exp.utils.checks import ConfigValueError
+
+        mode = type(self.threshold).__name__
+        if not hasattr(self.threshold, "set_false_alarm_rate"):
+            raise ConfigValueError(
+                f"threshold.false_alarm_rate applies to the NFA modes; this threshold is {mode}"
+            )
+        try:
+            if stored:
+                self.threshold.set_false_alarm_rate(rate)
+            else:
+                self.threshold.false_alarm_rate = self.threshold._checked_rate(rate)
+        except (ValueError, RuntimeError) as error:
+            raise ConfigValueError(f"threshold.false_alarm_rate={rate} ({mode}): {error}") from None
+        self.hparams.threshold = {**_plain(self.hparams.threshold), "false_alarm_rate": float(rate)}
+
     # -- steps -------------------------------------------------------------------------------------
     def _latents(
         self, batch: dict, jac: bool = True, generator: torch.Generator | None = None
@@ -232,8 +252,12 @@ class UFlowModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         metrics = self.test_metrics.compute()
-        # the level the threshold segmented at (a calibrated one is known only after validation)
+        # the level the threshold segmented at (a calibrated one is known only after validation), and
+        # for an NFA level set on normal images, the share of normal images it promises to flag at most
         metrics["threshold_level"] = torch.tensor(self.threshold.level)
+        promised = getattr(self.threshold, "promised_false_alarm_rate", float("nan"))
+        if promised == promised:
+            metrics["promised_false_alarm_rate"] = torch.tensor(promised)
         self.test_curves = self.test_metrics.curves()  # synced: every rank calls it
         self.log_dict({f"test/{k}": v for k, v in metrics.items()}, sync_dist=False)
         self.test_metrics.reset()

@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test test-all lint format bench bench-accuracy bench-fit bench-peers gpu-wheels clean
+.PHONY: install run test test-all lint format bench bench-accuracy bench-fit bench-maps bench-peers gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,7 +34,7 @@ format: $(STAMP)
 
 # speed tables (13 min); accuracy has its own target: it trains on real data (about 10 min)
 bench: $(STAMP)
-	for script in $(filter-out benchmarks/bench_accuracy.py benchmarks/bench_peers.py benchmarks/bench_fit.py,$(wildcard benchmarks/bench_*.py)); do \
+	for script in $(filter-out benchmarks/bench_accuracy.py benchmarks/bench_peers.py benchmarks/bench_fit.py benchmarks/bench_maps.py,$(wildcard benchmarks/bench_*.py)); do \
 		$(PY) $$script $(ARGS) || exit 1; done
 
 bench-accuracy: $(STAMP)
@@ -43,6 +43,10 @@ bench-accuracy: $(STAMP)
 # where a 2,000-image fit's time goes (Lightning's profiler on the real command; about 4 min)
 bench-fit: $(STAMP)
 	$(PY) benchmarks/bench_fit.py $(ARGS)
+
+# map and image-score variants of trained runs, without retraining: make bench-maps ARGS="RUN_DIR ..."
+bench-maps: $(STAMP)
+	$(PY) benchmarks/bench_maps.py $(ARGS)
 
 # wheels the GPU machine lacks, for benchmarks/gpu_check.sh (carried there as .whl/)
 gpu-wheels: $(STAMP)

@@ -1,7 +1,7 @@
 """Anomaly-map and image-score variants on trained runs, without retraining: one table per run.
 
-Run: .venv/bin/python benchmarks/bench_maps.py RUN_DIR [RUN_DIR ...] (`make bench-maps ARGS="RUN_DIR ..."`),
-where each RUN_DIR is a training run's folder (`config_resolved.yaml` and `checkpoints/`), e.g. those
+Run: .venv/bin/python benchmarks/bench_maps.py RUN_DIR [RUN_DIR ...]
+(`make bench-maps ARGS="RUN_DIR ..."`), where each RUN_DIR is a training run's folder (`config_resolved.yaml` and `checkpoints/`), e.g. those
 that `bench_accuracy.py --keep DIR` leaves in DIR/<case>/run_seed<S>/. For each run the best
 checkpoint's latents of the test images are computed once; every variant is then a different way of
 turning the same latents into a pixel map and an image score, scored by the project's metrics

@@ -63,11 +63,15 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
 
 
 def test_accuracy_benchmark_prints_a_row_per_case_and_threshold(tmp_path):
-    out = run(
-        sys.executable, "benchmarks/bench_accuracy.py", "--cases", "brick", "--keep", str(tmp_path),
-        "--seeds", "42", "1", "--thresholds", "nfa_tree", "nfa_block",
+    from uflow_exp.models.uflow.lightning_module import UFlowModule
+
+    tiny = [
         "--", "trainer.max_epochs=1", "dataset.n_train=6", "dataset.n_test_good=2", "dataset.n_test_defect=2",
         "backbone.input_size=96", "model.eval_size=64", "dataset.generated_size=64",
+    ]  # fmt: skip
+    out = run(
+        sys.executable, "benchmarks/bench_accuracy.py", "--cases", "brick", "--keep", str(tmp_path),
+        "--seeds", "42", "1", "--thresholds", "nfa_tree", "nfa_block", *tiny,
     )  # fmt: skip
     seeds = [table_rows(out, f"brick seed {seed} |")[0] for seed in (42, 1)]
     rows = [r for r in table_rows(out, "brick |") if not r[1][0].isalpha() and len(r) == 8]  # accuracy
@@ -83,7 +87,7 @@ def test_accuracy_benchmark_prints_a_row_per_case_and_threshold(tmp_path):
     assert 0.5 < float(versus[0][2]) <= 1  # the baseline finds the synthetic defects
     assert float(versus[0][3]) == pytest.approx(float(versus[0][1]) - float(versus[0][2]), abs=0.0015)
     tree, block = (table_rows(out, f"brick | {mode} |") for mode in ("nfa_tree", "nfa_block"))
-    assert len(block) == len(tree) == 2 and len(block[0]) == 8
+    assert len(block) == len(tree) == 2 and len(block[0]) == 11
     # re-thresholding the first seed's model gives what its training tested with (the default threshold)
     assert tree[0][2:4] == [seeds[0][4], seeds[0][5]]  # mIoU and best single-threshold mIoU
     assert block[0][3] == seeds[0][5]  # the best single threshold does not depend on the threshold
@@ -92,6 +96,18 @@ def test_accuracy_benchmark_prints_a_row_per_case_and_threshold(tmp_path):
     assert {p.name for p in (tmp_path / "brick").iterdir()} == {
         "run_seed42", "run_seed1", "baseline.json", "nfa_tree", "nfa_block"
     }  # fmt: skip
+    # --reuse: the kept runs and baseline are read, not redone; only the re-thresholding runs
+    trained = (tmp_path / "brick" / "run_seed42" / "metrics.json").stat().st_mtime_ns
+    again = run(
+        sys.executable, "benchmarks/bench_accuracy.py", "--cases", "brick", "--keep", str(tmp_path), "--reuse",
+        "--seeds", "42", "1", "--thresholds", "nfa_tree@0.1", *tiny,
+    )  # fmt: skip
+    assert (tmp_path / "brick" / "run_seed42" / "metrics.json").stat().st_mtime_ns == trained
+    assert [r for r in table_rows(again, "brick |") if len(r) == 13][0] == versus[0]
+    (rate,) = table_rows(again, "brick | nfa_tree@0.1 |")
+    (ckpt,) = (tmp_path / "brick" / "run_seed42" / "checkpoints").glob("epoch_*.ckpt")
+    n = UFlowModule.from_checkpoint(str(ckpt)).threshold.normal_scores.numel()
+    assert 0 < n < 9 and float(rate[8]) == pytest.approx(1 / (n + 1), abs=0.001)  # too few for 0.1
 
 
 def test_fit_benchmark_accounts_for_the_whole_fit():

@@ -1,11 +1,11 @@
 """Anomaly-map and image-score variants on trained runs, without retraining: one table per run.
 
-Run: .venv/bin/python benchmarks/bench_maps.py RUN_DIR [RUN_DIR ...]
-(`make bench-maps ARGS="RUN_DIR ..."`), where each RUN_DIR is a training run's folder (`config_resolved.yaml` and `checkpoints/`), e.g. those
-that `bench_accuracy.py --keep DIR` leaves in DIR/<case>/run_seed<S>/. For each run the best
+Run: .venv/bin/python benchmarks/bench_maps.py RUN_DIR [RUN_DIR ...] (`make bench-maps ARGS="RUN_DIR
+..."`), where each RUN_DIR is a training run's folder (`config_resolved.yaml` and `checkpoints/`), e.g.
+those that `bench_accuracy.py --keep DIR` leaves in DIR/<case>/run_seed<S>/. For each run the best
 checkpoint's latents of the test images are computed once; every variant is then a different way of
-turning the same latents into a pixel map and an image score, scored by the project's metrics
-(pixel AUROC, AUPRO@0.3; image AUROC exact). Variants:
+turning the same latents into a pixel map and an image score, scored by the project's metrics (pixel
+AUROC, AUPRO@0.3; image AUROC exact). Variants:
 
 - `mean p` (the method's map): 1 - mean over scales of exp(-0.5 mean_c z^2), upsampled;
 - `product p`: 1 - exp(-mean over scales of 0.5 mean_c z^2), the scales' likelihoods multiplied

@@ -99,8 +99,8 @@ def test_accuracy_benchmark_prints_a_row_per_case_and_threshold(tmp_path):
     # --reuse: the kept runs and baseline are read, not redone; only the re-thresholding runs
     trained = (tmp_path / "brick" / "run_seed42" / "metrics.json").stat().st_mtime_ns
     again = run(
-        sys.executable, "benchmarks/bench_accuracy.py", "--cases", "brick", "--keep", str(tmp_path), "--reuse",
-        "--seeds", "42", "1", "--thresholds", "nfa_tree@0.1", *tiny,
+        sys.executable, "benchmarks/bench_accuracy.py", "--cases", "brick", "--keep", str(tmp_path),
+        "--reuse", "--seeds", "42", "1", "--thresholds", "nfa_tree@0.1", *tiny,
     )  # fmt: skip
     assert (tmp_path / "brick" / "run_seed42" / "metrics.json").stat().st_mtime_ns == trained
     assert [r for r in table_rows(again, "brick |") if len(r) == 13][0] == versus[0]

@@ -82,6 +82,9 @@ THRESHOLDS = {
     "nfa_tree@0.1": ["threshold.false_alarm_rate=0.1"],
     "nfa_tree@0.05": ["threshold.false_alarm_rate=0.05"],
     "nfa_tree@0.02": ["threshold.false_alarm_rate=0.02"],
+    # the default mode with its flagged regions shrunk to where the map reaches this share of their peak
+    "nfa_tree+refine0.5": ["threshold=nfa_tree", "threshold.refine_fraction=0.5"],
+    "nfa_tree+refine0.3": ["threshold=nfa_tree", "threshold.refine_fraction=0.3"],
 }
 OPERATING_COLUMNS = [
     ("mIoU", "test/miou", "{:.3f}"),

@@ -13,6 +13,7 @@ from uflow_exp.thresholds import (
     NormalQuantileThreshold,
     Segmentation,
     conformal_rank,
+    refine_regions,
 )
 
 N_BINS = 1000
@@ -272,3 +273,39 @@ def test_uncalibrated_nfa_modes_keep_the_state_dict_of_older_checkpoints(mode):
     assert mode().state_dict() == {}  # checkpoints written before calibrate_on_normal load strictly
     mode().load_state_dict({})
     assert list(mode(calibrate_on_normal=True).state_dict()) == ["calibrated_level", "normal_scores"]
+
+
+def test_refined_regions_keep_what_rises_to_half_of_their_own_peak():
+    """Two flagged regions of one image, each around its own bump of the map: each shrinks to the pixels
+    at least halfway from the image's median (0.1) to its own peak (0.9 and 0.5), and keeps its peak;
+    an image without detections stays empty, so image-level decisions do not change."""
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    bump = lambda cy, cx, peak: (peak - 0.1) * torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 8)  # noqa: E731
+    amap = torch.full((2, 1, 32, 32), 0.1)
+    amap[0, 0] += bump(8, 8, 0.9) + bump(24, 24, 0.5)
+    mask = torch.zeros(2, 1, 32, 32, dtype=torch.bool)
+    mask[0, 0, 2:15, 2:15] = True  # max-tree blocks, much larger than the bumps
+    mask[0, 0, 18:31, 18:31] = True
+    refined = refine_regions(mask, amap, 0.5)
+    first, second = amap[0, 0, :16, :16], amap[0, 0, 16:, 16:]
+    assert torch.equal(
+        refined[0, 0, :16, :16], (first >= 0.1 + 0.5 * (first.max() - 0.1)) & mask[0, 0, :16, :16]
+    )
+    assert torch.equal(
+        refined[0, 0, 16:, 16:], (second >= 0.1 + 0.5 * (second.max() - 0.1)) & mask[0, 0, 16:, 16:]
+    )
+    assert refined[0, 0, 8, 8] and refined[0, 0, 24, 24]  # each region keeps its peak ...
+    assert 0 < refined.sum() < mask.sum() / 4  # ... and far less than the blocks
+    assert not refined[1].any() and torch.equal(refine_regions(mask, amap, 0.0), mask & (amap >= 0.1))
+
+
+def test_the_nfa_threshold_refines_its_masks_only_when_asked():
+    z = noisy_latents(0, spread=1.6)
+    amap = torch.rand(6, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    plain = NFATreeThreshold(clip_lower_tail=True, tests_by_size=True).segment(z, amap)
+    refined = NFATreeThreshold(clip_lower_tail=True, tests_by_size=True, refine_fraction=0.5).segment(z, amap)
+    assert plain.mask.any() and torch.equal(refined.significance, plain.significance)
+    assert torch.equal(refined.mask, refine_regions(plain.mask, amap, 0.5))
+    assert torch.equal(refined.mask.flatten(1).any(1), plain.mask.flatten(1).any(1))
+    with pytest.raises(ValueError, match="refine_fraction must lie in"):
+        NFATreeThreshold(refine_fraction=1.5)

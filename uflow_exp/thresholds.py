@@ -16,6 +16,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
@@ -55,6 +56,30 @@ def threshold_override(node: Mapping[str, Any] | None) -> tuple[dict | None, flo
     if "_target_" not in node:
         return None, rate
     return (node if rate is None else {**node, "false_alarm_rate": rate}), None
+
+
+def refine_regions(mask: Tensor, amap: Tensor, fraction: float) -> Tensor:
+    """Shrink each flagged region (8-connected, per image) to the pixels where the anomaly map rises at
+    least ``fraction`` of the way from the image's median (its normal level) to the region's maximum
+    (0.5: the region's width at half maximum). Every region keeps its maximum, so no detection is lost
+    or added: only the mask's extent changes. ``mask`` (B, 1, H, W) bool, ``amap`` the same shape.
+
+    Hand-written with scipy's labelling: no library refines a given mask by its own map's peaks."""
+    from scipy import ndimage
+
+    refined = mask.clone()
+    for i in range(mask.shape[0]):
+        flagged = mask[i, 0].cpu().numpy()
+        if not flagged.any():
+            continue
+        scores = amap[i, 0].detach().float().cpu().numpy()
+        labels, count = ndimage.label(flagged, structure=np.ones((3, 3), dtype=bool))
+        peaks = np.asarray(ndimage.maximum(scores, labels, index=np.arange(1, count + 1)))
+        base = float(np.median(scores))
+        floor = base + fraction * (peaks - base)  # per region; a peak below the median keeps its region
+        keep = flagged & (scores >= np.concatenate([[np.inf], np.minimum(floor, peaks)])[labels])
+        refined[i, 0] = torch.from_numpy(keep).to(mask.device)
+    return refined
 
 
 class Threshold(nn.Module):
@@ -113,12 +138,18 @@ class _NFAThreshold(Threshold):
         calibrate_on_normal: bool = False,
         scales: int | None = None,
         false_alarm_rate: float | None = None,
+        refine_fraction: float | None = None,
     ) -> None:
         super().__init__()
         if scales is not None and scales < 1:
             raise ValueError(
                 f"threshold.scales must be a positive number of latent scales or null, got {scales}"
             )
+        if refine_fraction is not None and not 0.0 <= refine_fraction < 1.0:
+            raise ValueError(
+                f"threshold.refine_fraction must lie in [0, 1) or be null, got {refine_fraction}"
+            )
+        self.refine_fraction = refine_fraction
         self.log_nfa_threshold = log_nfa_threshold
         self.scales = scales
         self.calibrate_on_normal = calibrate_on_normal
@@ -207,7 +238,10 @@ class _NFAThreshold(Threshold):
 
     def segment(self, z, amap):
         significance = self._significance(z, amap.shape[-1], amap.device)
-        return Segmentation(significance > self.level, significance)
+        mask = significance > self.level
+        if self.refine_fraction is not None:
+            mask = refine_regions(mask, amap, self.refine_fraction)
+        return Segmentation(mask, significance)
 
     def calibration_update(self, z, amap, mask):
         if not self.calibrate_on_normal:
@@ -258,8 +292,9 @@ class NFATreeThreshold(_NFAThreshold):
         calibrate_on_normal: bool = False,
         scales: int | None = None,
         false_alarm_rate: float | None = None,
+        refine_fraction: float | None = None,
     ) -> None:
-        super().__init__(log_nfa_threshold, calibrate_on_normal, scales, false_alarm_rate)
+        super().__init__(log_nfa_threshold, calibrate_on_normal, scales, false_alarm_rate, refine_fraction)
         self.clip_lower_tail = clip_lower_tail
         self.tests_by_size = tests_by_size
 
@@ -278,8 +313,9 @@ class NFABlockThreshold(_NFAThreshold):
         calibrate_on_normal: bool = False,
         scales: int | None = None,
         false_alarm_rate: float | None = None,
+        refine_fraction: float | None = None,
     ) -> None:
-        super().__init__(log_nfa_threshold, calibrate_on_normal, scales, false_alarm_rate)
+        super().__init__(log_nfa_threshold, calibrate_on_normal, scales, false_alarm_rate, refine_fraction)
         self.win_size = win_size
         self.probability = probability
 

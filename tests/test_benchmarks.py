@@ -200,3 +200,28 @@ def test_map_variants_start_from_what_the_run_tested(tmp_path):
     assert mean_p[1] == pytest.approx(tested["test/pixel_aupro"], abs=1e-3)
     assert mean_p[2] == pytest.approx(tested["test/image_auroc"], abs=1e-3)
     assert rows["product p + blur 4"] != mean_p and all(0 <= v <= 1 for r in rows.values() for v in r)
+
+
+def test_tradeoff_figure_lists_every_level_the_calibration_can_take(tmp_path):
+    from tests import fake_layouts
+    from tests.framework_helpers import TINY, compose_train
+    from uflow_exp.tasks.train import train
+
+    root = fake_layouts.make_mvtec(tmp_path / "data", n_train=20, n_test_good=4, size=64)
+    published = [
+        "threshold.clip_lower_tail=false",
+        "threshold.tests_by_size=false",
+        "threshold.log_nfa_threshold=-1e6",
+    ]
+    overrides = [*TINY, "dataset=mvtec", f"dataset.root={root}", "dataset.num_workers=0", *published]
+    metrics = train(compose_train(overrides, tmp_path / "run"))
+    out = run(
+        sys.executable, "benchmarks/plot_tradeoff.py", str(tmp_path / "run"), "--out", str(tmp_path / "t.png")
+    )
+    rows = [[float(c) for c in row] for row in table_rows(out, "") if row[0][0].isdigit()]
+    assert [round(r[0], 3) for r in rows] == [round(k / 5, 3) for k in range(1, 5)]  # n = 4: 1/5 .. 4/5
+    strictest = rows[0]  # the default level: what the run's own test measured
+    assert strictest[1] == pytest.approx(metrics["test/false_alarm_rate"])
+    assert strictest[2] == pytest.approx(metrics["test/detection_recall"])
+    assert all(a[1] <= b[1] and a[2] <= b[2] for a, b in zip(rows, rows[1:], strict=False))  # lower levels flag more
+    assert (tmp_path / "t.png").stat().st_size > 10_000

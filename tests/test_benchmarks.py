@@ -223,5 +223,7 @@ def test_tradeoff_figure_lists_every_level_the_calibration_can_take(tmp_path):
     strictest = rows[0]  # the default level: what the run's own test measured
     assert strictest[1] == pytest.approx(metrics["test/false_alarm_rate"])
     assert strictest[2] == pytest.approx(metrics["test/detection_recall"])
-    assert all(a[1] <= b[1] and a[2] <= b[2] for a, b in zip(rows, rows[1:], strict=False))  # lower levels flag more
+    assert all(
+        a[1] <= b[1] and a[2] <= b[2] for a, b in zip(rows, rows[1:], strict=False)
+    )  # lower levels flag more
     assert (tmp_path / "t.png").stat().st_size > 10_000

@@ -75,6 +75,7 @@ THRESHOLDS = {
         "threshold.tests_by_size=false",
         "threshold.calibrate_on_normal=false",
         "threshold.scales=null",
+        "threshold.refine_fraction=null",
     ],
     "nfa_block": ["threshold=nfa_block"],
     "normal_quantile": ["threshold=normal_quantile"],
@@ -83,7 +84,7 @@ THRESHOLDS = {
     "nfa_tree@0.05": ["threshold.false_alarm_rate=0.05"],
     "nfa_tree@0.02": ["threshold.false_alarm_rate=0.02"],
     # the default mode with its flagged regions shrunk to where the map reaches this share of their peak
-    "nfa_tree+refine0.5": ["threshold=nfa_tree", "threshold.refine_fraction=0.5"],
+    "nfa_tree_unrefined": ["threshold=nfa_tree", "threshold.refine_fraction=null"],
     "nfa_tree+refine0.3": ["threshold=nfa_tree", "threshold.refine_fraction=0.3"],
 }
 OPERATING_COLUMNS = [

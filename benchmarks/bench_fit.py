@@ -40,15 +40,16 @@ def profiled_fit(
     ]  # fmt: skip
     subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     totals = {}
-    # the fit's profile and the validation passes after it that calibrate the kept checkpoints'
-    # threshold (time/fit_s counts both)
-    for profile in ("fit-profile.txt", "validate-profile.txt"):
-        if not (folder / profile).is_file():
-            continue
-        for line in (folder / profile).read_text().splitlines():
-            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-            if len(cells) == 5 and re.fullmatch(r"[\d.e+-]+", cells[3]):
-                totals[cells[0]] = totals.get(cells[0], 0.0) + float(cells[3])
+    # Lightning's SimpleProfiler writes one file per stage, each with the totals so far: the last one
+    # (the validation passes after the fit that calibrate the kept checkpoints' threshold, which
+    # time/fit_s counts) holds the fit's actions too
+    profile = next(
+        folder / name for name in ("validate-profile.txt", "fit-profile.txt") if (folder / name).is_file()
+    )
+    for line in profile.read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and re.fullmatch(r"[\d.e+-]+", cells[3]):
+            totals[cells[0]] = float(cells[3])
     fit_s = json.loads((folder / "run" / "metrics.json").read_text())["time/fit_s"]
     log = (folder / "run" / "train.log").read_text()
     filled = re.search(r"computed the features of \d+ images in ([\d.]+) s", log)

@@ -68,6 +68,7 @@ def test_resume_from_last_checkpoint_continues_where_the_run_stopped(tmp_path):
     overrides = [*TINY, "dataset=mvtec", f"dataset.root={root}", "trainer.max_epochs=3"]
     recorder = {"_target_": f"{__name__}.RecordEpochs"}
     straight_cfg = compose_train(overrides, tmp_path / "straight")
+    assert straight_cfg.trainer.max_steps > 0  # the recipe's step limit, which Lightning resumes its own way
     with open_dict(straight_cfg):
         straight_cfg.callbacks.record = recorder
     straight = train(straight_cfg)

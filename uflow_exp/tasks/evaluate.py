@@ -56,6 +56,25 @@ def run_dataset(ckpt: Path) -> DictConfig:
 REFERENCE_THRESHOLD = {"_target_": "uflow_exp.thresholds.NFATreeThreshold", "log_nfa_threshold": 0.0}
 
 
+def load_model(
+    cfg: DictConfig, ckpt: Path, reference: dict | None, new_mode: bool, rate: float | None
+) -> UFlowModule:
+    """Our checkpoint (``reference`` None), with ``cfg.threshold`` in place of its own mode given
+    ``new_mode``, or the authors' release ``reference`` in the model ``cfg`` describes; at the false-alarm
+    ``rate`` when one is given (recalibrated by the caller)."""
+    if reference is None:
+        model = UFlowModule.from_checkpoint(str(ckpt))
+        if new_mode:
+            model.replace_threshold(cfg.threshold)
+    else:
+        model = hydra.utils.instantiate(cfg.model)
+        model.model.load_reference_state_dict(reference, require_backbone=True)
+        log.info("Loaded %s as a checkpoint of the authors' release", ckpt)
+    if rate is not None:
+        model.set_false_alarm_rate(rate, stored=False)
+    return model
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test metrics of ``cfg.ckpt_path`` on ``cfg.dataset`` (none: the data set the checkpoint's run
     trained on), thresholded with the checkpoint's mode or,
@@ -89,16 +108,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.dataset)
     datamodule.prepare_data()
-    if ours:
-        model = UFlowModule.from_checkpoint(str(ckpt))
-        if override is not None:
-            model.replace_threshold(cfg.threshold)
-    else:
-        model = hydra.utils.instantiate(cfg.model)
-        model.model.load_reference_state_dict(checkpoint, require_backbone=True)
-        log.info("Loaded %s as a checkpoint of the authors' release", ckpt)
-    if rate is not None:  # the checkpoint's own mode at another rate, recalibrated below
-        model.set_false_alarm_rate(rate, stored=False)
+    model = load_model(cfg, ckpt, checkpoint if not ours else None, override is not None, rate)
     apply_backend(model, cfg.get("backend", "torch"), cfg.get("onnx_path"), ckpt)
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, logger=instantiate_dict(cfg.get("logger")) or False

@@ -128,7 +128,7 @@ def test_paper_recipe_on_any_backbone(tmp_path):
     threshold = cfg.threshold
     assert not (threshold.clip_lower_tail or threshold.tests_by_size or threshold.calibrate_on_normal)
     assert threshold.scales is None and threshold.refine_fraction is None
-    assert compose_train([], tmp_path).threshold.refine_fraction == 0.5  # the default refines
+    assert compose_train([], tmp_path).threshold.refine_fraction == 0.7  # the default refines
 
 
 def test_the_mvtec_experiment_reads_each_categorys_published_settings(tmp_path):

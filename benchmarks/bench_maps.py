@@ -33,13 +33,14 @@ from torchvision.transforms.functional import gaussian_blur
 from uflow_exp.metrics import PixelAUPRO, PixelAUROC
 from uflow_exp.models.uflow.anomaly_map import anomaly_map
 from uflow_exp.models.uflow.lightning_module import UFlowModule
+from uflow_exp.utils.shapes import as_shape
 
 
-def scale_nll(z: list[torch.Tensor], size: int) -> torch.Tensor:
-    """(B, S, size, size): each scale's negative log-likelihood per pixel (0.5 mean_c z^2), upsampled."""
+def scale_nll(z: list[torch.Tensor], size: int | tuple[int, int]) -> torch.Tensor:
+    """(B, S, H, W): each scale's negative log-likelihood per pixel (0.5 mean_c z^2), upsampled."""
     nll = [0.5 * zs.pow(2).mean(dim=1, keepdim=True) for zs in z]
     up = [
-        torch.nn.functional.interpolate(n, size=(size, size), mode="bilinear", align_corners=False)
+        torch.nn.functional.interpolate(n, size=as_shape(size), mode="bilinear", align_corners=False)
         for n in nll
     ]
     return torch.cat(up, dim=1)

@@ -172,9 +172,7 @@ def floor_child(kind: str, checkpoint: Path, batch: int) -> None:
     module = UFlowModule.from_checkpoint(str(checkpoint))
     model = module.model
     model.train(kind == "train")  # as Lightning sets it: training adds the feature noise, tests do not
-    images = torch.rand(
-        batch, 3, model.input_size, model.input_size, generator=torch.Generator().manual_seed(0)
-    )
+    images = torch.rand(batch, 3, *model.input_shape, generator=torch.Generator().manual_seed(0))
     if kind == "train":
         optimizer = torch.optim.Adam(model.flow.parameters(), lr=1e-4)
         for _ in range(3):

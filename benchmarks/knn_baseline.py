@@ -107,13 +107,14 @@ def compose_run(overrides: list[str]):
 def run(overrides: list[str], seed: int, coreset_ratio: float = 1.0) -> dict[str, float]:
     cfg = compose_run(overrides)
     backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
-    eval_size = int(cfg.model.eval_size)
     datamodule = hydra.utils.instantiate(cfg.dataset)
     datamodule.prepare_data()
+    # the images and maps U-Flow's run sees: a square, or the data's rectangle (dataset.resize=keep_aspect)
+    input_shape, eval_size = datamodule.image_shape()
     datamodule.setup("fit")
     extractor = build_feature_extractor(
         backbone["name"],
-        backbone["input_size"],
+        input_shape,
         backbone.get("pretrained", True),
         backbone.get("weights"),
         LEVELS,

@@ -36,9 +36,15 @@ def save(array: np.ndarray, path: Path) -> Path:
     return path
 
 
-def _normal_folder(folder: Path, count: int, size: int, seed: int, suffix: str = ".png") -> None:
+def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else size
+
+
+def _normal_folder(
+    folder: Path, count: int, size: int | tuple[int, int], seed: int, suffix: str = ".png"
+) -> None:
     for i in range(count):
-        save(noise_image(seed + i, size, size), folder / f"{i:03d}{suffix}")
+        save(noise_image(seed + i, *_hw(size)), folder / f"{i:03d}{suffix}")
 
 
 def make_mvtec(
@@ -47,13 +53,14 @@ def make_mvtec(
     n_train: int = 4,
     n_test_good: int = 2,
     n_test_defect: int = 2,
-    size: int = 32,
+    size: int | tuple[int, int] = 32,
 ) -> Path:
+    """``size``: a side, or (height, width)."""
     base = Path(root) / category
     _normal_folder(base / "train" / "good", n_train, size, 0)
     _normal_folder(base / "test" / "good", n_test_good, size, 1000)
     for i in range(n_test_defect):
-        image, mask = defect_pair(2000 + i, size, size)
+        image, mask = defect_pair(2000 + i, *_hw(size))
         save(image, base / "test" / "broken" / f"{i:03d}.png")
         save(mask, base / "ground_truth" / "broken" / f"{i:03d}_mask.png")
     return Path(root)

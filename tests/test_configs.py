@@ -24,7 +24,7 @@ def test_dataset_options_instantiate(option, tmp_path):
     cfg = compose_train([*TINY, f"dataset={option}", f"dataset.root={tmp_path}"], tmp_path)
     datamodule = hydra.utils.instantiate(cfg.dataset)
     assert datamodule.layout == option
-    assert datamodule.image_size == 64
+    assert datamodule.image_size == (64, 64)
 
 
 @pytest.mark.parametrize("option", [o for o in options("backbone") if o != "mcait"])
@@ -33,7 +33,7 @@ def test_backbone_options_build_the_model(option, tmp_path):
         [*TINY, f"backbone={option}", "backbone.pretrained=false", "backbone.input_size=64"], tmp_path
     )
     module = hydra.utils.instantiate(cfg.model)
-    assert module.model.feature_extractor.input_size == 64
+    assert module.model.feature_extractor.input_shape == (64, 64)
 
 
 @pytest.mark.slow

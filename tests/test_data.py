@@ -84,7 +84,7 @@ def test_every_config_instantiates_the_datamodule(name, tmp_path):
     dm = datamodule(name, root=str(tmp_path))
     assert isinstance(dm, AnomalyDataModule)
     assert dm.layout == name
-    assert dm.image_size == SIZE
+    assert dm.image_size == (SIZE, SIZE)
     assert dm.val_split == "train" and dm.seed == 0
 
 
@@ -129,6 +129,30 @@ def test_mvtec_counts_labels_samples_and_loaders(tmp_path):
     test_batch = next(iter(dm.test_dataloader()))
     assert test_batch["image"].shape == (3, 3, SIZE, SIZE) and test_batch["label"].tolist() == [0, 0, 0]
     assert test_batch["path"] == [str(r.image) for r in dm.test_dataset.records[:3]]  # not shuffled
+
+
+def test_keep_aspect_yields_the_datas_rectangle_and_refuses_another_shape(tmp_path):
+    root = make_mvtec(tmp_path / "mvtec", n_train=6, size=(32, 80))  # height 32, width 80
+    dm = ready("mvtec", root=str(root), category="bottle", resize="keep_aspect", image_size=64, eval_size=32)
+    # shorter side 64 (masks 32), longer side 64 * 80 / 32 = 160, a multiple of 32
+    assert dm.image_shape() == ((64, 160), (32, 80))
+    sample = dm.test_dataset[3]
+    assert sample["image"].shape == (3, 64, 160) and sample["mask"].shape == (1, 32, 80)
+    mask = torch.zeros(1, 1, 32, 80)
+    mask[(0, 0, *DEFECT)] = 1
+    assert torch.equal(sample["mask"], mask[0] >= 0.5)  # the defect where it is, not squashed
+    # the square resize (default) of the same images
+    square = ready("mvtec", root=str(root), category="bottle", image_size=64)
+    assert square.test_dataset[3]["image"].shape == (3, 64, 64)
+    # an explicit rectangle is taken as given
+    explicit = ready("mvtec", root=str(root), category="bottle", image_size=[32, 96], eval_size=[32, 96])
+    assert explicit.test_dataset[3]["image"].shape == (3, 32, 96)
+
+    odd = save(noise_image(99, 40, 40), root / "bottle" / "test" / "good" / "square.png")
+    with pytest.raises(DatasetError, match=rf"keep_aspect: {odd} is 40 x 40 pixels.*resize=square"):
+        ready("mvtec", root=str(root), category="bottle", resize="keep_aspect", image_size=64)
+    with pytest.raises(DatasetError, match="resize must be one of"):
+        AnomalyDataModule("mvtec", root=str(root), category="bottle", resize="stretch")
 
 
 def test_val_split_is_seeded_and_test_protocol_validates_on_test(tmp_path):

@@ -36,6 +36,8 @@ import torch
 from numpy.lib.format import open_memmap
 from torch import nn
 
+from uflow_exp.utils.shapes import as_shape, size_key
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -101,8 +103,8 @@ class CacheSpec:
     dataset: str
     category: str | int | None
     backbone: str
-    input_size: int
-    image_size: int
+    input_size: int | Sequence[int]  # a side, or [height, width]
+    image_size: int | Sequence[int]
     layers: Sequence[int] | None = None  # the backbone's feature levels (None: its default)
     dtype: str = "float32"  # how the features are stored, one of DTYPES
 
@@ -111,7 +113,7 @@ class CacheSpec:
         """The readable part of the folder name, e.g. ``mvtec-bottle-resnet18-L123-256``."""
         levels = None if self.layers is None else "L" + "".join(map(str, self.layers))
         stored = None if self.dtype == "float32" else self.dtype
-        parts = (self.dataset, self.category, self.backbone, levels, self.input_size, stored)
+        parts = (self.dataset, self.category, self.backbone, levels, size_key(self.input_size), stored)
         return "-".join(re.sub(r"[^\w.]+", "_", str(part)) for part in parts if part is not None)
 
 
@@ -339,10 +341,10 @@ class FeatureCache:
             )
 
 
-def _feature_shapes(extractor: Extractor, image_size: int) -> list[tuple[int, ...]]:
+def _feature_shapes(extractor: Extractor, image_size: int | Sequence[int]) -> list[tuple[int, ...]]:
     """Per-image feature shapes, from one blank image: the disk layout needs them before any batch."""
     param = next(p for module in extractor.backbone_modules() for p in module.parameters())
-    blank = torch.zeros(1, 3, image_size, image_size, device=param.device, dtype=param.dtype)
+    blank = torch.zeros(1, 3, *as_shape(image_size), device=param.device, dtype=param.dtype)
     with torch.no_grad():
         return [tuple(scale.shape[1:]) for scale in extractor.extract(blank)]
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from uflow_exp.onnx_names import INPUT_NAME, OUTPUT_NAME, latent_names
+from uflow_exp.utils.shapes import Shape, size_key
 
 BACKENDS = ("torch", "onnxruntime")
 
@@ -21,13 +22,15 @@ class OnnxRunError(ValueError):
 
 
 class OnnxAnomalyModel:
-    """``images`` (B, 3, S, S) RGB in [0, 1] -> (anomaly map (B, 1, E, E), latents per scale).
+    """``images`` (B, 3, H, W) RGB in [0, 1] -> (anomaly map (B, 1, h, w), latents per scale).
 
     Refuses a graph exported from another configuration (input size, eval size, number of scales),
     naming the file and what differs.
     """
 
-    def __init__(self, path: str | Path, input_size: int, eval_size: int, n_scales: int) -> None:
+    def __init__(
+        self, path: str | Path, input_size: Shape | int, eval_size: Shape | int, n_scales: int
+    ) -> None:
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -38,7 +41,11 @@ class OnnxAnomalyModel:
             )
         self.session = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
         found = self.session.get_modelmeta().custom_metadata_map
-        expected = {"input_size": str(input_size), "eval_size": str(eval_size), "latents": str(n_scales)}
+        expected = {
+            "input_size": size_key(input_size),
+            "eval_size": size_key(eval_size),
+            "latents": str(n_scales),
+        }
         wrong = {k: found.get(k) for k, v in expected.items() if found.get(k) != v}
         if wrong:
             raise OnnxRunError(

@@ -230,14 +230,14 @@ class _NFAThreshold(Threshold):
         k = n if self.false_alarm_rate is None else conformal_rank(n, self.false_alarm_rate)
         return (n + 1 - k) / (n + 1)
 
-    def _neg_log_nfa(self, z: list[Tensor], size: int) -> Tensor:
+    def _neg_log_nfa(self, z: list[Tensor], size: tuple[int, int]) -> Tensor:
         raise NotImplementedError
 
-    def _significance(self, z: Sequence[Tensor], size: int, device: torch.device) -> Tensor:
+    def _significance(self, z: Sequence[Tensor], size: tuple[int, int], device: torch.device) -> Tensor:
         return self._neg_log_nfa([t.float() for t in z[: self.scales]], size).to(device)
 
     def segment(self, z, amap):
-        significance = self._significance(z, amap.shape[-1], amap.device)
+        significance = self._significance(z, tuple(amap.shape[-2:]), amap.device)
         mask = significance > self.level
         if self.refine_fraction is not None:
             mask = refine_regions(mask, amap, self.refine_fraction)
@@ -248,7 +248,7 @@ class _NFAThreshold(Threshold):
             return
         normal = ~mask.flatten(1).any(1)
         if normal.any():
-            significance = self._significance([t[normal] for t in z], amap.shape[-1], amap.device)
+            significance = self._significance([t[normal] for t in z], tuple(amap.shape[-2:]), amap.device)
             self._normal_scores.update(significance.flatten(1).amax(dim=1))
 
     def calibrate(self) -> None:

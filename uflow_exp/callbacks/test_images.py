@@ -68,8 +68,8 @@ class TestImageLogger(L.Callback):
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if not outputs:
             return
-        size = outputs["anomaly_map"].shape[-1]
-        images = F.interpolate(batch["image"], size=(size, size), mode="bilinear", align_corners=False)
+        size = tuple(outputs["anomaly_map"].shape[-2:])
+        images = F.interpolate(batch["image"], size=size, mode="bilinear", align_corners=False)
         for i in range(len(images)):
             kept = self._kept[bool(batch["label"][i])]
             if len(kept) >= self.max_images:

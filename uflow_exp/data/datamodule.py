@@ -11,12 +11,18 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Sampler
 
 from uflow_exp.data.dataset import AnomalyDataset, FeatureLookup, validate_records
+from uflow_exp.data.io import image_shape as _header_shape
 from uflow_exp.data.layouts import LAYOUTS, check_options, list_records
 from uflow_exp.data.records import DatasetError, FileProblems, Record, Splits, split_off
+from uflow_exp.utils.shapes import Shape, as_shape, keep_aspect, shape_text
 
 log = logging.getLogger(__name__)
 
 VAL_SPLITS = ("train", "test")
+RESIZE_MODES = ("square", "keep_aspect")
+# dataset.resize=keep_aspect: the largest relative difference of an image's aspect ratio from the
+# training images' median that one rectangle still serves (e.g. KolektorSDD's 250 x 620..640 frames)
+ASPECT_TOLERANCE = 0.1
 
 
 class EpochSeededSampler(Sampler[int]):
@@ -65,9 +71,15 @@ class AnomalyDataModule(L.LightningDataModule):
         layout: how the files lie on disk, one of `LAYOUTS`.
         root: data set root (unused by `textures`, which generates into `cache_dir`).
         category: MVTec category, BTAD product, texture name or ShanghaiTech scene.
-        image_size: side of the square images the loaders yield (the backbone's input size).
-        eval_size: side of the masks they yield (the side of the maps that metrics and thresholds
-            see); None: ``image_size``.
+        image_size: the images the loaders yield (the backbone's input): a side or [height, width].
+        eval_size: the masks they yield (the maps that metrics and thresholds see): a side or
+            [height, width]; None: ``image_size``.
+        resize: "square" resizes every image to ``image_size`` whatever its shape; "keep_aspect"
+            (with a single ``image_size``) to the rectangle of the data's aspect ratio whose shorter
+            side is ``image_size`` and whose longer side is a multiple of ``size_multiple`` (the masks
+            likewise, shorter side ``eval_size``): see `image_shape`.
+        size_multiple: the longer side of a "keep_aspect" rectangle is rounded to a multiple of this
+            (the backbone's largest stride).
         val_split: "train" validates on a seeded `val_fraction` of the normal training images
             (unsupervised); "test" validates on the test set, as the paper does (label leakage).
         seed: seeds every split (validation, LGG patients, folder tests) and the textures; kept apart
@@ -82,8 +94,10 @@ class AnomalyDataModule(L.LightningDataModule):
         layout: str,
         root: str | None = None,
         category: str | None = None,
-        image_size: int = 256,
-        eval_size: int | None = None,
+        image_size: int | list[int] = 256,
+        eval_size: int | list[int] | None = None,
+        resize: str = "square",
+        size_multiple: int = 32,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -99,6 +113,8 @@ class AnomalyDataModule(L.LightningDataModule):
             raise DatasetError(f"val_split must be one of {VAL_SPLITS}, got {val_split!r}")
         if val_split == "train" and not 0 < val_fraction < 1:
             raise DatasetError(f"val_fraction must be in (0, 1) with val_split=train, got {val_fraction}")
+        if resize not in RESIZE_MODES:
+            raise DatasetError(f"dataset.resize must be one of {RESIZE_MODES}, got {resize!r}")
         FileProblems(on_bad_file)  # rejects an unknown mode now rather than at setup
         check_options(layout, options)
         # not logged: Lightning would flatten them to the top of the run's logged config, where the
@@ -107,8 +123,13 @@ class AnomalyDataModule(L.LightningDataModule):
         self.layout = layout
         self.root = None if root is None else Path(root)
         self.category = category
-        self.image_size = int(image_size)
-        self.eval_size = int(eval_size or image_size)
+        # (height, width); "keep_aspect" replaces both with the data's rectangle (`image_shape`)
+        self.image_size = as_shape(image_size, "dataset.image_size")
+        self.eval_size = as_shape(eval_size or image_size, "dataset.eval_size")
+        # an explicit rectangle is taken as it is; a single side keeps the data's aspect on request
+        self.resize = resize if not isinstance(image_size, list | tuple) else "square"
+        self.size_multiple = int(size_multiple)
+        self._shaped = self.resize == "square"
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -135,10 +156,45 @@ class AnomalyDataModule(L.LightningDataModule):
         # Builds the caches (generated textures, decoded video frames) once, on one process.
         self._find()
 
+    def image_shape(self) -> tuple[Shape, Shape]:
+        """The (height, width) of the images and of the masks the loaders yield. Under "keep_aspect"
+        they follow the median aspect ratio of the training images (read from the files' headers,
+        once); an image whose ratio is more than `ASPECT_TOLERANCE` away from it is refused, naming
+        it, since one rectangle would distort it as the square does."""
+        if not self._shaped:
+            found, _ = self._find()
+            shapes = {r.image: _header_shape(r.image) for r in [*found.train, *found.test]}
+            ratios = sorted(h / w for h, w in (shapes[r.image] for r in found.train))
+            if not ratios:
+                raise DatasetError(
+                    f"{self.layout} (root {self.root}): no training images to take the aspect of"
+                )
+            ratio = ratios[len(ratios) // 2]
+            for path, (h, w) in shapes.items():
+                if abs(h / w / ratio - 1) > ASPECT_TOLERANCE:
+                    raise DatasetError(
+                        f"dataset.resize=keep_aspect: {path} is {w} x {h} pixels (width x height), an aspect "
+                        f"ratio (height / width) of {h / w:.3f} against the training images' {ratio:.3f}; "
+                        "one rectangle fits images of one shape: use dataset.resize=square for mixed shapes"
+                    )
+            short = min(self.image_size)
+            self.image_size = keep_aspect(short, round(ratio * 1_000_000), 1_000_000, self.size_multiple)
+            height, width = self.image_size
+            eval_short = min(self.eval_size)
+            self.eval_size = keep_aspect(eval_short, height, width)
+            self._shaped = True
+            log.info(
+                "dataset.resize=keep_aspect: images %s, maps %s (height x width)",
+                shape_text(self.image_size),
+                shape_text(self.eval_size),
+            )
+        return self.image_size, self.eval_size
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:
             return
         found, problems = self._find()
+        self.image_shape()
         train = validate_records(found.train, problems, self.verify_images)
         test = validate_records(found.test, problems, self.verify_images)
         problems.summarise(self.layout)

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from uflow_exp.data.io import image_shape, mask_shape, read_image, read_mask
 from uflow_exp.data.records import BadFileError, FileProblems, NpyFrame, Record
+from uflow_exp.utils.shapes import as_shape
 
 
 class FeatureLookup(Protocol):
@@ -23,11 +24,11 @@ class FeatureLookup(Protocol):
 
 
 class AnomalyDataset(Dataset):
-    """Reads any `Record` as a dict of `image` (3, S, S) float32 RGB in [0, 1], `mask` (1, E, E)
+    """Reads any `Record` as a dict of `image` (3, H, W) float32 RGB in [0, 1], `mask` (1, h, w)
     bool, `label` int64 scalar, `has_mask` bool scalar (False for an anomalous image without a mask:
-    its pixels are unlabelled, and its zero mask means nothing) and `path` str, where S is
-    `image_size` (what the backbone takes) and E is `eval_size` (the side of the maps that metrics
-    and thresholds see; `image_size` when None). Pixel normalisation belongs to the model.
+    its pixels are unlabelled, and its zero mask means nothing) and `path` str, where (H, W) is
+    `image_size` (what the backbone takes: a side or [H, W]) and (h, w) is `eval_size` (the maps that
+    metrics and thresholds see; `image_size` when None). Pixel normalisation belongs to the model.
 
     With `features` (set by the training task once it has computed them) a sample carries the
     image's stored backbone `features` (a list of per-scale tensors) instead of `image`, and the
@@ -37,13 +38,13 @@ class AnomalyDataset(Dataset):
     def __init__(
         self,
         records: Sequence[Record],
-        image_size: int,
-        eval_size: int | None = None,
+        image_size: int | Sequence[int],
+        eval_size: int | Sequence[int] | None = None,
         features: FeatureLookup | None = None,
     ) -> None:
         self.records = list(records)
-        self.image_size = int(image_size)
-        self.eval_size = int(eval_size or image_size)
+        self.image_size = as_shape(image_size, "image_size")
+        self.eval_size = as_shape(eval_size or image_size, "eval_size")
         self.features = features
 
     def __len__(self) -> int:
@@ -52,12 +53,12 @@ class AnomalyDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         record = self.records[index]
         if record.mask is None:
-            mask = torch.zeros(1, self.eval_size, self.eval_size, dtype=torch.bool)
+            mask = torch.zeros(1, *self.eval_size, dtype=torch.bool)
         else:
             full = torch.from_numpy(read_mask(record.mask)).float()[None, None]
             # Once, from the file's resolution: area averaging then >= 0.5 keeps a thin defect's
             # share of each output pixel honest.
-            mask = F.interpolate(full, (self.eval_size, self.eval_size), mode="area")[0] >= 0.5
+            mask = F.interpolate(full, self.eval_size, mode="area")[0] >= 0.5
         sample = {
             "mask": mask,
             "label": torch.tensor(record.label, dtype=torch.int64),
@@ -71,10 +72,11 @@ class AnomalyDataset(Dataset):
         return sample
 
     def load_image(self, record: Record) -> torch.Tensor:
-        """The record's image as (3, image_size, image_size) float32 RGB in [0, 1]."""
+        """The record's image as (3, *image_size) float32 RGB in [0, 1]."""
         image = torch.from_numpy(read_image(record.image)).permute(2, 0, 1)
-        size = (self.image_size, self.image_size)
-        return F.interpolate(image[None], size, mode="bilinear", antialias=True, align_corners=False)[0]
+        return F.interpolate(
+            image[None], self.image_size, mode="bilinear", antialias=True, align_corners=False
+        )[0]
 
 
 def _problem(record: Record, decode: bool) -> tuple[Path | str, str] | None:

@@ -5,11 +5,14 @@ import torch
 from scipy import stats
 from torch.nn import functional as F
 
+from uflow_exp.utils.shapes import as_shape
+
 
 def block_nfa(
-    z: list[torch.Tensor], eval_size: int, win_size: int = 5, probability: float = 0.9
+    z: list[torch.Tensor], eval_size: int | tuple[int, int], win_size: int = 5, probability: float = 0.9
 ) -> torch.Tensor:
-    """-log10 NFA of the block method, (B, 1, eval_size, eval_size) float64; positive = significant.
+    """-log10 NFA of the block method, (B, 1, H, W) float64 at ``eval_size`` (a side or (H, W));
+    positive = significant.
 
     At scale s, k counts the (channel, pixel) entries of a (2h+1)^2 window (h = max((win / 2^s) // 2, 1),
     reflect padding) with z^2 >= chi2_1.ppf(probability); the window's log10 probability is the binomial
@@ -38,9 +41,7 @@ def block_nfa(
             # Only floor(k / C) in 0..side^2 reaches scipy, so tabulate the tail once per scale.
             tail = stats.binom.logsf(np.arange(side**2 + 1), side**2, 1 - probability) / np.log(10)
             scale_log_prob = torch.from_numpy(tail)[torch.div(k, zs.shape[1], rounding_mode="floor")]
-            up = F.interpolate(
-                scale_log_prob, size=(eval_size, eval_size), mode="bicubic", align_corners=True
-            )
+            up = F.interpolate(scale_log_prob, size=as_shape(eval_size), mode="bicubic", align_corners=True)
             # The scale sum and the final steps run in numpy (single-threaded: no torch thread barriers,
             # which stall on an oversubscribed machine); summing in scale order matches the reference's
             # torch.sum over the stacked scales.

@@ -28,6 +28,8 @@ from scipy.special import logsumexp
 from skimage.morphology import max_tree
 from torch.nn import functional as F
 
+from uflow_exp.utils.shapes import as_shape
+
 # Polyomino-count fit used by the reference: number of 4-connected shapes of r pixels ~ ALPHA * BETA^r / r.
 _POLYOMINO_ALPHA = 0.316915
 _POLYOMINO_BETA = 4.062570
@@ -56,9 +58,14 @@ def log_number_of_size_classes(sizes: list[int]) -> float:
 
 
 def tree_nfa(
-    z: list[torch.Tensor], eval_size: int, *, clip_lower_tail: bool = False, tests_by_size: bool = False
+    z: list[torch.Tensor],
+    eval_size: int | tuple[int, int],
+    *,
+    clip_lower_tail: bool = False,
+    tests_by_size: bool = False,
 ) -> torch.Tensor:
-    """-log10 NFA of the tree method, shape (B, 1, eval_size, eval_size); positive = significant.
+    """-log10 NFA of the tree method, shape (B, 1, H, W) at ``eval_size`` (a side or (H, W));
+    positive = significant.
 
     ``z`` holds one latent per scale, each (B, C_s, H_s, W_s), finite. The automatic segmentation is
     ``tree_nfa(z, size) > 0`` (NFA < 1). The result is on the device of ``z[0]``.
@@ -81,7 +88,7 @@ def tree_nfa(
     with torch.no_grad():
         z_cpu = [zs.detach().cpu() for zs in z]
         batch = z_cpu[0].shape[0]
-        out = np.empty((batch, 1, eval_size, eval_size), dtype=np.float32)
+        out = np.empty((batch, 1, *as_shape(eval_size)), dtype=np.float32)
         # Images are processed in forests of at most ~2^18 pixels: large enough to amortise the fixed
         # cost of the array operations, small enough to bound their memory.
         chunk = max(1, _FOREST_PIXELS // sum(zs[0, 0].numel() for zs in z_cpu))
@@ -91,7 +98,7 @@ def tree_nfa(
             for s, maps in enumerate(region_log_prob_maps(chunk_z, clip_lower_tail, tests_by_size)):
                 # nan_to_num as the reference: unpainted pixels -> 0, -inf -> the most negative float32.
                 maps = torch.from_numpy(np.nan_to_num(maps, nan=0.0)).unsqueeze(1)
-                up = F.interpolate(maps, size=(eval_size, eval_size), mode="bilinear", align_corners=False)
+                up = F.interpolate(maps, size=as_shape(eval_size), mode="bilinear", align_corners=False)
                 # Exact elementwise steps run in numpy: single-threaded, they avoid torch's thread
                 # barriers, which stall for milliseconds per op on an oversubscribed machine.
                 if s == 0:

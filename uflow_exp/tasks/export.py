@@ -1,7 +1,7 @@
 """Export a trained checkpoint's backbone + flow + anomaly map to a deployable graph (ONNX).
 
-The graph takes RGB images in [0, 1] (B, 3, S, S) with S the checkpoint's ``input_size`` (the ImageNet
-normalisation is inside it, as in the model) and returns the anomaly map (B, 1, eval_size, eval_size)
+The graph takes RGB images in [0, 1] (B, 3, H, W) at the checkpoint's ``input_size`` (the ImageNet
+normalisation is inside it, as in the model) and returns the anomaly map (B, 1, h, w) at its ``eval_size``
 that metrics and thresholds see, then the latents ``z0``, ``z1``, ... (finest scale first) that the NFA
 thresholds take; the batch axis is dynamic. Thresholds and the NFA stay in Python
 (``predict``/``evaluate`` with ``backend=onnxruntime`` run the graph and threshold its outputs).
@@ -21,6 +21,7 @@ from uflow_exp.models.uflow.lightning_module import UFlowModule
 from uflow_exp.models.uflow.model import UFlow
 from uflow_exp.onnx_names import INPUT_NAME, OUTPUT_NAME, latent_names
 from uflow_exp.utils import print_config, require_checkpoint
+from uflow_exp.utils.shapes import size_key
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ FORMATS = ("onnx",)
 class AnomalyMapNet(nn.Module):
     """Images -> (anomaly map, latents per scale), the inference path of ``UFlowModule`` as one module."""
 
-    def __init__(self, model: UFlow, eval_size: int):
+    def __init__(self, model: UFlow, eval_size: tuple[int, int]):
         super().__init__()
         self.model = model
         self.eval_size = eval_size
@@ -80,8 +81,8 @@ def export_onnx(module: UFlowModule, output: str | Path, opset: int = 17, fast_f
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     module = module.eval().cpu()
-    side = module.hparams.backbone["input_size"]
-    example = torch.zeros(2, 3, side, side)
+    shape = module.model.input_shape
+    example = torch.zeros(2, 3, *shape)
     builders = [("fast", lambda: module.model)] if fast_flow else []
     builders.append(("reference", lambda: reference_flow_copy(module)))
     for attempt, (kind, build) in enumerate(builders, 1):
@@ -97,8 +98,8 @@ def export_onnx(module: UFlowModule, output: str | Path, opset: int = 17, fast_f
     onnx.checker.check_model(graph)
     # Consumers need the input side and the map's meaning without the checkpoint.
     for key, value in {
-        "input_size": str(side),
-        "eval_size": str(module.eval_size),
+        "input_size": size_key(shape),
+        "eval_size": size_key(module.eval_size),
         "input_normalisation": "none: RGB in [0, 1]; the graph applies the ImageNet mean/std itself",
         "backbone": str(module.hparams.backbone["name"]),
         "flow_blocks": flow_kind,
@@ -116,8 +117,8 @@ def onnx_max_abs_difference(
     """Largest |onnxruntime map - torch map| on a random batch."""
     import onnxruntime as ort
 
-    side = module.hparams.backbone["input_size"]
-    images = torch.randn(batch_size, 3, side, side, generator=torch.Generator().manual_seed(seed))
+    shape = module.model.input_shape
+    images = torch.randn(batch_size, 3, *shape, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         expected = AnomalyMapNet(module.model.eval().cpu(), module.eval_size)(images)[0]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

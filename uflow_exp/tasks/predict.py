@@ -71,7 +71,7 @@ def output_names(files: list[Path]) -> list[Path]:
 class _Guarded(Dataset):
     """``AnomalyDataset`` samples, or why a file failed: one bad file must not end the run."""
 
-    def __init__(self, files: list[Path], image_size: int) -> None:
+    def __init__(self, files: list[Path], image_size: int | list[int]) -> None:
         self.samples = AnomalyDataset([Record(f, None, 0) for f in files], image_size)
 
     def __len__(self) -> int:

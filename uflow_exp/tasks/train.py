@@ -24,6 +24,7 @@ from uflow_exp.utils import (
     require_checkpoint,
     write_metrics,
 )
+from uflow_exp.utils.config import is_rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,20 @@ def calibrate_kept_checkpoints(trainer: L.Trainer, model: UFlowModule, datamodul
              type(model.threshold).__name__, model.threshold.level)  # fmt: skip
 
 
+def take_data_shape(cfg: DictConfig, datamodule: AnomalyDataModule, config_file: Path) -> None:
+    """Under ``dataset.resize=keep_aspect`` the data decide the rectangle the backbone takes and the
+    maps are scored at: it becomes ``backbone.input_size`` and ``model.eval_size`` ([height, width]), so
+    the model is built for it, the checkpoint records it and evaluate / predict / export follow it."""
+    if datamodule.resize != "keep_aspect":
+        return
+    images, maps = datamodule.image_shape()
+    with open_dict(cfg):
+        cfg.backbone.input_size = list(images)
+        cfg.model.eval_size = list(maps)
+    if is_rank_zero():
+        config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resolve_ckpt_path(cfg)
     run_dir = interrupted_run_dir(ckpt_path)
@@ -214,6 +229,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     cache_mode = parse_mode(cfg.get("feature_cache", False))
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.dataset)
     datamodule.prepare_data()  # finds the files: a wrong root fails here, naming the layout
+    take_data_shape(cfg, datamodule, output_dir / "config_resolved.yaml")
     model: L.LightningModule = hydra.utils.instantiate(cfg.model)
     if getattr(model.threshold, "needs_labels", False) and cfg.dataset.get("val_split") != "test":
         raise ValueError("threshold=f1_adaptive uses labels: set dataset.val_split=test (paper protocol)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from uflow_exp.utils.runs import require_checkpoint
 
@@ -21,6 +21,10 @@ _NUMBERS = {
 }
 
 
+# sides that may also be [height, width] (each side checked as the single number would be)
+_SIDES = ("backbone.input_size",)
+
+
 class ConfigValueError(ValueError):
     """A config value of the wrong type or range, or naming a missing file."""
 
@@ -32,6 +36,8 @@ def check_run_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, throw_on_missing=False)
         if value is None:
             continue
+        if key in _SIDES and isinstance(value, ListConfig | list) and len(value) == 2:
+            value = min(value, key=lambda v: v if isinstance(v, int) and not isinstance(v, bool) else -1)
         number = isinstance(value, int if kind is int else int | float) and not isinstance(value, bool)
         if not number or (value <= smallest if kind is float else value < smallest):
             what = "an integer" if kind is int else "a number"

@@ -8,14 +8,19 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
+from uflow_exp.utils.shapes import as_shape
 
-def anomaly_map(z: Sequence[torch.Tensor], size: int, blur_sigma: float = 0.0) -> torch.Tensor:
-    """``1 - mean_s upsample(exp(-0.5 * mean_c z_s^2))`` as a (B, 1, size, size) map in [0, 1],
+
+def anomaly_map(
+    z: Sequence[torch.Tensor], size: int | tuple[int, int], blur_sigma: float = 0.0
+) -> torch.Tensor:
+    """``1 - mean_s upsample(exp(-0.5 * mean_c z_s^2))`` as a (B, 1, H, W) map in [0, 1] (``size``:
+    H = W, or (H, W)),
     smoothed by a Gaussian of ``blur_sigma`` pixels (at ``size``) when it is positive (0: the reference)."""
     probabilities = [
         F.interpolate(
             torch.exp(-0.5 * zs.pow(2).mean(dim=1, keepdim=True)),
-            size=(size, size),
+            size=as_shape(size),
             mode="bilinear",
             align_corners=False,
         )

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uflow_exp.utils.checks import ConfigValueError
+from uflow_exp.utils.shapes import as_shape
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ class FeatureExtractor(nn.Module):
 
     channels: list[int]
     scale_factors: list[int]
-    input_size: int
+    input_shape: tuple[int, int]
 
     def __init__(self) -> None:
         super().__init__()
@@ -236,7 +237,7 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Raw backbone outputs of RGB images in [0, 1], (B, 3, input_size, input_size)."""
+        """Raw backbone outputs of RGB images in [0, 1], (B, 3, *input_shape)."""
         return self.backbone_features(
             (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
         )
@@ -249,8 +250,9 @@ class FeatureExtractor(nn.Module):
         raise NotImplementedError
 
     @property
-    def feature_sizes(self) -> list[int]:
-        return [self.input_size // s for s in self.scale_factors]
+    def feature_sizes(self) -> list[tuple[int, int]]:
+        """(H, W) of each scale's features."""
+        return [(self.input_shape[0] // s, self.input_shape[1] // s) for s in self.scale_factors]
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.normalize(self.extract(images))
@@ -267,7 +269,7 @@ class TimmFeatureExtractor(FeatureExtractor):
     def __init__(
         self,
         backbone: str,
-        input_size: int,
+        input_size: int | Sequence[int],
         pretrained: bool = True,
         weights=None,
         layers: Sequence[int] | None = None,
@@ -277,7 +279,7 @@ class TimmFeatureExtractor(FeatureExtractor):
         if len(layers) < 2 or layers != sorted(set(layers)):
             raise ValueError(f"backbone.layers must list 2+ increasing feature levels, got {layers}")
         name = TIMM_ALIASES.get(backbone, backbone)
-        self.input_size = input_size
+        self.input_shape = as_shape(input_size, "input_size")
         self.extractor = _freeze(
             _create_timm(
                 name,
@@ -292,14 +294,14 @@ class TimmFeatureExtractor(FeatureExtractor):
         self.channels = list(self.extractor.feature_info.channels())
         self.scale_factors = list(self.extractor.feature_info.reduction())
         for factor in self.scale_factors:
-            if input_size % factor:
+            if any(side % factor for side in self.input_shape):
                 raise ValueError(
                     f"input_size {input_size} is not divisible by backbone '{backbone}' stride {factor}; "
                     f"use a multiple of {max(self.scale_factors)}"
                 )
         self.feature_normalizations = nn.ModuleList(
-            nn.LayerNorm([c, input_size // s, input_size // s], elementwise_affine=True)
-            for c, s in zip(self.channels, self.scale_factors, strict=True)
+            nn.LayerNorm([c, *size], elementwise_affine=True)
+            for c, size in zip(self.channels, self.feature_sizes, strict=True)
         )
 
     def backbone_modules(self) -> list[nn.Module]:
@@ -331,7 +333,7 @@ class MCaitFeatureExtractor(FeatureExtractor):
                 f"mcait weights must be a list of two files (cait_m48_448, cait_s24_224), got {weights!r}"
             )
         files = weights if weights is not None else (None, None)
-        self.input_size = input_size
+        self.input_shape = as_shape(input_size, "input_size")
         self.extractor1 = _freeze(_create_timm(MCAIT_MODELS[0], pretrained, files[0], "mcait"))
         self.extractor2 = _freeze(_create_timm(MCAIT_MODELS[1], pretrained, files[1], "mcait"))
         self.channels = [768, 384]
@@ -360,12 +362,12 @@ class MCaitFeatureExtractor(FeatureExtractor):
             (self.extractor1, self.extractor2), raw, self.feature_sizes, strict=True
         ):
             x = model.norm(tokens.contiguous())
-            out.append(x.transpose(1, 2).reshape(x.shape[0], x.shape[2], size, size))
+            out.append(x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *size))
         return out
 
 
 def build_feature_extractor(
-    backbone: str, input_size: int, pretrained: bool = True, weights=None, layers=None
+    backbone: str, input_size: int | Sequence[int], pretrained: bool = True, weights=None, layers=None
 ) -> FeatureExtractor:
     """The extractor for ``backbone``; refuses unsupported input sizes before building anything."""
     if backbone == "mcait" and layers is not None:
@@ -373,7 +375,7 @@ def build_feature_extractor(
             f"backbone 'mcait' has fixed scales (CaiT blocks 41 and 21); set layers to null, got {layers}"
         )
     required = FIXED_INPUT_SIZE.get(backbone)
-    if required is not None and input_size != required:
+    if required is not None and as_shape(input_size, "input_size") != (required, required):
         raise ValueError(f"backbone '{backbone}' works at input_size {required} only, got {input_size}")
     if backbone == "mcait":
         return MCaitFeatureExtractor(input_size, pretrained, weights)

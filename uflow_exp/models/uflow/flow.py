@@ -14,6 +14,8 @@ import FrEIA.framework as ff
 import FrEIA.modules as fm
 from torch import nn
 
+from uflow_exp.utils.shapes import as_shape
+
 from .blocks import FastAllInOneBlock, PixelShuffleUpsampling
 
 
@@ -47,7 +49,7 @@ def _flow_stage(node, steps: int, block_args: dict, channels_ratio: float, fast:
 
 def build_uflow_graph(
     channels: Sequence[int],
-    sizes: Sequence[int],
+    sizes: Sequence[int | tuple[int, int]],
     flow_steps: int = 4,
     affine_clamp: float = 2.0,
     subnet_channels_ratio: float = 1.0,
@@ -56,7 +58,8 @@ def build_uflow_graph(
     compile_coupling: bool = False,
     position_channels: int = 0,
 ) -> ff.GraphINN:
-    """The U-flow over per-scale inputs ``(channels[i], sizes[i], sizes[i])``, finest first.
+    """The U-flow over per-scale inputs ``(channels[i], *sizes[i])`` (a size: H = W, or (H, W)),
+    finest first.
 
     The graph returns one latent per scale, finest first. ``fast`` builds it from ``FastAllInOneBlock``
     (same parameters and results, faster), whose coupling ``compile_coupling`` runs through
@@ -72,14 +75,15 @@ def build_uflow_graph(
         raise ValueError(f"flow_steps must be >= 1, got {flow_steps}")
     if compile_coupling and not fast:
         raise ValueError("compile_coupling needs the fast blocks (fast=True); FrEIA's blocks run eagerly")
+    sizes = [as_shape(s) for s in sizes]
     block_args = {"affine_clamping": affine_clamp, "permute_soft": permute_soft}
     if fast:
         block_args["compile_coupling"] = compile_coupling
     inputs = [
-        ff.InputNode(c, s, s, name=f"input_{i}") for i, (c, s) in enumerate(zip(channels, sizes, strict=True))
+        ff.InputNode(c, *s, name=f"input_{i}") for i, (c, s) in enumerate(zip(channels, sizes, strict=True))
     ]
     conditions = (
-        [ff.ConditionNode(position_channels, s, s, name=f"position_{i}") for i, s in enumerate(sizes)]
+        [ff.ConditionNode(position_channels, *s, name=f"position_{i}") for i, s in enumerate(sizes)]
         if position_channels
         else [None] * len(sizes)
     )

@@ -10,19 +10,22 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from uflow_exp.metrics import AnomalyMetrics
 from uflow_exp.models.uflow.loss import nll_loss
 from uflow_exp.models.uflow.model import UFlow
 from uflow_exp.thresholds import Threshold
+from uflow_exp.utils.shapes import as_shape, shape_text
 
 log = logging.getLogger(__name__)
 
 
 def _plain(value: Any) -> Any:
     """OmegaConf containers -> plain Python, so checkpoints load with ``weights_only=True``."""
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+    return (
+        OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig | ListConfig) else value
+    )
 
 
 class UFlowModule(L.LightningModule):
@@ -41,7 +44,8 @@ class UFlowModule(L.LightningModule):
         optimizer: a ``_partial_`` optimizer config (called with the trainable parameters).
         scheduler: a ``_partial_`` scheduler config, stepped after every optimizer step, or None; a
             ``total_iters`` it leaves open is the run's number of optimizer steps.
-        eval_size: side of the maps that metrics and thresholds see (the reference uses 256).
+        eval_size: side of the maps that metrics and thresholds see (the reference uses 256), or
+            their ``[height, width]``; None: the backbone's input size.
         metric_bins: score bins of the pixel metrics (memory stays bounded; see uflow_exp.metrics).
     """
 
@@ -52,7 +56,7 @@ class UFlowModule(L.LightningModule):
         threshold: dict,
         optimizer: dict,
         scheduler: dict | None = None,
-        eval_size: int | None = None,
+        eval_size: int | list[int] | None = None,
         metric_bins: int = 10_000,
     ) -> None:
         super().__init__()
@@ -63,7 +67,7 @@ class UFlowModule(L.LightningModule):
                 "threshold": _plain(threshold),
                 "optimizer": _plain(optimizer),
                 "scheduler": _plain(scheduler),
-                "eval_size": eval_size,
+                "eval_size": _plain(eval_size),
                 "metric_bins": metric_bins,
             },
             # the task logs the whole run config, nested; Lightning would flatten these beside it
@@ -72,7 +76,8 @@ class UFlowModule(L.LightningModule):
         hp = self.hparams
         self.model = UFlow.from_config(hp.backbone, hp.flow)
         self.threshold: Threshold = hydra.utils.instantiate(hp.threshold)
-        self.eval_size = eval_size or hp.backbone["input_size"]
+        # (H, W) of the maps that metrics and thresholds see
+        self.eval_size = as_shape(eval_size or hp.backbone["input_size"], "model.eval_size")
         self.val_metrics = AnomalyMetrics(n_bins=metric_bins)
         self.test_metrics = AnomalyMetrics(n_bins=metric_bins)
         self._val_anomalous = 0
@@ -106,8 +111,8 @@ class UFlowModule(L.LightningModule):
         the torch model; thresholds still segment in Python. Training and validation stay in torch."""
         from uflow_exp.onnx_runner import OnnxAnomalyModel
 
-        input_size, n_scales = self.hparams.backbone["input_size"], len(self.model.feature_extractor.channels)
-        self.inference = OnnxAnomalyModel(path, input_size, self.eval_size, n_scales)
+        n_scales = len(self.model.feature_extractor.channels)
+        self.inference = OnnxAnomalyModel(path, self.model.input_shape, self.eval_size, n_scales)
 
     def replace_threshold(self, config: dict) -> None:
         """Threshold with another mode (a ``_target_`` config) from now on; the hyper-parameters, and so
@@ -165,10 +170,11 @@ class UFlowModule(L.LightningModule):
     def _eval_masks(self, batch: dict) -> torch.Tensor:
         """The batch's masks, which the data set resized once to ``eval_size``."""
         mask = batch["mask"]
-        if mask.shape[-1] != self.eval_size:
+        if tuple(mask.shape[-2:]) != self.eval_size:
             raise ValueError(
-                f"the data yields {mask.shape[-1]}-pixel masks, the model evaluates {self.eval_size}-pixel "
-                "maps: set dataset.eval_size to model.eval_size (the configs do: ${model.eval_size})"
+                f"the data yields {shape_text(mask.shape[-2:])} masks, the model evaluates "
+                f"{shape_text(self.eval_size)} maps: set dataset.eval_size to model.eval_size "
+                "(the configs do: ${model.eval_size})"
             )
         return mask.bool()
 

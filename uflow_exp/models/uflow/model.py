@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from uflow_exp.utils.shapes import as_shape
+
 from .anomaly_map import anomaly_map
 from .feature_extraction import build_feature_extractor
 from .flow import build_uflow_graph
@@ -22,17 +24,22 @@ log = logging.getLogger(__name__)
 MODEL_PREFIXES = ("feature_extractor.", "flow.")
 
 
-def position_encoding(channels: int, size: int) -> torch.Tensor:
-    """``(channels, size, size)`` sinusoids of each pixel's relative position: for the row and the
-    column coordinate ``u = (i + 0.5) / size`` in (0, 1), ``sin`` and ``cos`` of ``pi 2^k u`` for
-    ``k < channels / 4``. Relative rather than in pixels, so every scale codes the same place alike."""
+def position_encoding(channels: int, size: int | tuple[int, int]) -> torch.Tensor:
+    """``(channels, H, W)`` sinusoids of each pixel's relative position (``size``: H = W, or (H, W)):
+    for the row coordinate ``u = (i + 0.5) / H`` and the column coordinate ``(j + 0.5) / W``, both in
+    (0, 1), ``sin`` and ``cos`` of ``pi 2^k u`` for ``k < channels / 4``. Relative rather than in
+    pixels, so every scale codes the same place alike."""
     if channels <= 0 or channels % 4:
         raise ValueError(f"position_channels must be a positive multiple of 4, got {channels}")
-    u = (torch.arange(size, dtype=torch.float32) + 0.5) / size
-    angles = u[:, None] * (math.pi * 2.0 ** torch.arange(channels // 4, dtype=torch.float32))
-    axis = torch.cat([angles.sin(), angles.cos()], dim=1).T  # (channels / 2, size)
-    rows = axis[:, :, None].expand(-1, size, size)
-    columns = axis[:, None, :].expand(-1, size, size)
+    height, width = as_shape(size)
+    frequencies = math.pi * 2.0 ** torch.arange(channels // 4, dtype=torch.float32)
+
+    def axis(n: int) -> torch.Tensor:  # (channels / 2, n)
+        angles = ((torch.arange(n, dtype=torch.float32) + 0.5) / n)[:, None] * frequencies
+        return torch.cat([angles.sin(), angles.cos()], dim=1).T
+
+    rows = axis(height)[:, :, None].expand(-1, height, width)
+    columns = axis(width)[:, None, :].expand(-1, height, width)
     return torch.cat([rows, columns], dim=0).contiguous()
 
 
@@ -42,7 +49,7 @@ class UFlow(nn.Module):
     Args:
         backbone: ``mcait``, ``resnet18``, ``wide_resnet50_2``, ``efficientnet_lite0`` or another timm
             ``features_only`` model name.
-        input_size: square input side in pixels (``mcait`` needs 448).
+        input_size: input side in pixels, or ``(height, width)`` of a rectangle (``mcait`` needs 448).
         flow_steps: AllInOne blocks per scale.
         affine_clamp: soft clamp of the coupling's log-scale.
         subnet_channels_ratio: hidden channels of the coupling subnet relative to its input.
@@ -71,7 +78,7 @@ class UFlow(nn.Module):
     def __init__(
         self,
         backbone: str = "mcait",
-        input_size: int = 448,
+        input_size: int | Sequence[int] = 448,
         flow_steps: int = 4,
         affine_clamp: float = 2.0,
         subnet_channels_ratio: float = 1.0,
@@ -93,7 +100,7 @@ class UFlow(nn.Module):
         if feature_pool < 1 or feature_pool % 2 == 0:
             raise ValueError(f"feature_pool must be an odd neighbourhood size >= 1, got {feature_pool}")
         self.feature_pool = int(feature_pool)
-        self.input_size = input_size
+        self.input_shape = as_shape(input_size, "input_size")
         self.feature_noise = float(feature_noise)
         self.map_blur_sigma = float(map_blur_sigma)
         self.feature_extractor = build_feature_extractor(backbone, input_size, pretrained, weights, layers)
@@ -173,8 +180,10 @@ class UFlow(nn.Module):
         z, log_jac_det = self.flow(list(features), c=conditions, rev=False, jac=jac)
         return list(z), log_jac_det
 
-    def anomaly_map(self, z: Sequence[torch.Tensor], size: int | None = None) -> torch.Tensor:
-        return anomaly_map(z, self.input_size if size is None else size, self.map_blur_sigma)
+    def anomaly_map(
+        self, z: Sequence[torch.Tensor], size: int | tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        return anomaly_map(z, self.input_shape if size is None else size, self.map_blur_sigma)
 
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         return self.encode(self.normalize(self.extract(images)))

@@ -33,13 +33,18 @@ def subnet_factory(kernel_size: int, channels_ratio: float):
     return build
 
 
-def _flow_stage(node, steps: int, block_args: dict, channels_ratio: float, fast: bool, condition=None):
+def _flow_stage(
+    node, steps: int, block_args: dict, channels_ratio: float, fast: bool, condition=None, kernel: int = 3
+):
     stage = []
     for step in range(steps):
         node = ff.Node(
             node,
             FastAllInOneBlock if fast else fm.AllInOneBlock,
-            {"subnet_constructor": subnet_factory(3 if step % 2 == 0 else 1, channels_ratio), **block_args},
+            {
+                "subnet_constructor": subnet_factory(kernel if step % 2 == 0 else 1, channels_ratio),
+                **block_args,
+            },
             conditions=None if condition is None else [condition],
             name=f"flow{node.output_dims[0][-1]}_step{step}",
         )
@@ -53,6 +58,7 @@ def build_uflow_graph(
     flow_steps: int = 4,
     affine_clamp: float = 2.0,
     subnet_channels_ratio: float = 1.0,
+    subnet_kernel: int = 3,
     permute_soft: bool = False,
     fast: bool = True,
     compile_coupling: bool = False,
@@ -71,6 +77,8 @@ def build_uflow_graph(
     many channels at the scale's size (``UFlow`` passes a positional encoding, finest scale first);
     0 is the reference graph, which takes no conditions.
     """
+    if subnet_kernel < 1 or subnet_kernel % 2 == 0:
+        raise ValueError(f"subnet_kernel must be an odd kernel size >= 1, got {subnet_kernel}")
     if flow_steps < 1:
         raise ValueError(f"flow_steps must be >= 1, got {flow_steps}")
     if compile_coupling and not fast:
@@ -90,7 +98,9 @@ def build_uflow_graph(
     nodes, outputs = [], []
     current = inputs[-1]
     for scale in range(len(inputs) - 1, 0, -1):
-        stage = _flow_stage(current, flow_steps, block_args, subnet_channels_ratio, fast, conditions[scale])
+        stage = _flow_stage(
+            current, flow_steps, block_args, subnet_channels_ratio, fast, conditions[scale], subnet_kernel
+        )
         volume = stage[-1].output_dims[0][0]
         kept = volume // 8 * 4
         split = ff.Node(
@@ -102,7 +112,9 @@ def build_uflow_graph(
         current = ff.Node([inputs[scale - 1].out0, up.out0], fm.Concat, {"dim": 0}, name=f"cat_{scale}")
         outputs.append(ff.OutputNode(split.out1, name=f"z_{scale}"))
         nodes += [*stage, split, up, current]
-    stage = _flow_stage(current, flow_steps, block_args, subnet_channels_ratio, fast, conditions[0])
+    stage = _flow_stage(
+        current, flow_steps, block_args, subnet_channels_ratio, fast, conditions[0], subnet_kernel
+    )
     outputs.append(ff.OutputNode(stage[-1], name="z_0"))
     nodes += stage
     condition_nodes = [c for c in conditions if c is not None]

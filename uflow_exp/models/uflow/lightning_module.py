@@ -37,9 +37,9 @@ class UFlowModule(L.LightningModule):
 
     Args:
         backbone: ``{name, input_size, pretrained, weights, layers}``.
-        flow: ``{flow_steps, affine_clamp, subnet_channels_ratio, permute_soft, compile_coupling,
-            feature_noise, train_norm_affine, map_blur_sigma, position_channels, feature_pool}`` (keyword
-            arguments of ``UFlow``).
+        flow: ``{flow_steps, affine_clamp, subnet_channels_ratio, subnet_kernel, permute_soft,
+            compile_coupling, feature_noise, train_norm_affine, map_blur_sigma, position_channels,
+            feature_pool}`` (keyword arguments of ``UFlow``).
         threshold: a ``_target_`` config of a ``uflow_exp.thresholds.Threshold``.
         optimizer: a ``_partial_`` optimizer config (called with the trainable parameters).
         scheduler: a ``_partial_`` scheduler config, stepped after every optimizer step, or None; a

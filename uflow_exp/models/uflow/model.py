@@ -53,6 +53,10 @@ class UFlow(nn.Module):
         flow_steps: AllInOne blocks per scale.
         affine_clamp: soft clamp of the coupling's log-scale.
         subnet_channels_ratio: hidden channels of the coupling subnet relative to its input.
+        subnet_kernel: kernel size of the coupling subnets' convolutions in every other flow step (the
+            steps between are 1 x 1): 3 is the reference; 1 makes each latent a function of its own
+            position's features (and its coarser parent's), so a defect does not spread to its
+            neighbours' latents.
         permute_soft: random orthogonal instead of hard channel permutations.
         pretrained: take ImageNet weights (the hub, or the offline package for efficientnet_lite0).
         weights: a local weights file (two files for mcait) instead of ``pretrained``.
@@ -82,6 +86,7 @@ class UFlow(nn.Module):
         flow_steps: int = 4,
         affine_clamp: float = 2.0,
         subnet_channels_ratio: float = 1.0,
+        subnet_kernel: int = 3,
         permute_soft: bool = False,
         pretrained: bool = True,
         weights: str | Path | Sequence[str | Path] | None = None,
@@ -112,6 +117,7 @@ class UFlow(nn.Module):
             flow_steps=flow_steps,
             affine_clamp=affine_clamp,
             subnet_channels_ratio=subnet_channels_ratio,
+            subnet_kernel=subnet_kernel,
             permute_soft=permute_soft,
             fast=fast_flow,
             compile_coupling=compile_coupling,

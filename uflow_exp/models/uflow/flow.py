@@ -9,6 +9,7 @@ Node creation order fixes ``module_list`` indices, which must match the referenc
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import FrEIA.framework as ff
 import FrEIA.modules as fm
@@ -52,6 +53,15 @@ def _flow_stage(
     return stage
 
 
+def _check_options(flow_steps: int, subnet_kernel: int, fast: bool, compile_coupling: bool) -> None:
+    if flow_steps < 1:
+        raise ValueError(f"flow_steps must be >= 1, got {flow_steps}")
+    if subnet_kernel < 1 or subnet_kernel % 2 == 0:
+        raise ValueError(f"subnet_kernel must be an odd kernel size >= 1, got {subnet_kernel}")
+    if compile_coupling and not fast:
+        raise ValueError("compile_coupling needs the fast blocks (fast=True); FrEIA's blocks run eagerly")
+
+
 def build_uflow_graph(
     channels: Sequence[int],
     sizes: Sequence[int | tuple[int, int]],
@@ -69,20 +79,14 @@ def build_uflow_graph(
 
     The graph returns one latent per scale, finest first. ``fast`` builds it from ``FastAllInOneBlock``
     (same parameters and results, faster), whose coupling ``compile_coupling`` runs through
-    ``torch.compile``; ``fast=False`` from FrEIA's own blocks, the reference.
-
-    The fast graph also upsamples by ``PixelShuffleUpsampling`` (the same numbers as FrEIA's).
+    ``torch.compile``, and upsamples by ``PixelShuffleUpsampling`` (FrEIA's numbers); ``fast=False``
+    builds it from FrEIA's own blocks, the reference.
 
     ``position_channels`` > 0 makes every coupling subnet of scale ``i`` also see a condition of that
     many channels at the scale's size (``UFlow`` passes a positional encoding, finest scale first);
     0 is the reference graph, which takes no conditions.
     """
-    if subnet_kernel < 1 or subnet_kernel % 2 == 0:
-        raise ValueError(f"subnet_kernel must be an odd kernel size >= 1, got {subnet_kernel}")
-    if flow_steps < 1:
-        raise ValueError(f"flow_steps must be >= 1, got {flow_steps}")
-    if compile_coupling and not fast:
-        raise ValueError("compile_coupling needs the fast blocks (fast=True); FrEIA's blocks run eagerly")
+    _check_options(flow_steps, subnet_kernel, fast, compile_coupling)
     sizes = [as_shape(s) for s in sizes]
     block_args = {"affine_clamping": affine_clamp, "permute_soft": permute_soft}
     if fast:
@@ -95,12 +99,13 @@ def build_uflow_graph(
         if position_channels
         else [None] * len(sizes)
     )
+    flow_stage = partial(
+        _flow_stage, steps=flow_steps, block_args=block_args, channels_ratio=subnet_channels_ratio, fast=fast
+    )
     nodes, outputs = [], []
     current = inputs[-1]
     for scale in range(len(inputs) - 1, 0, -1):
-        stage = _flow_stage(
-            current, flow_steps, block_args, subnet_channels_ratio, fast, conditions[scale], subnet_kernel
-        )
+        stage = flow_stage(current, condition=conditions[scale], kernel=subnet_kernel)
         volume = stage[-1].output_dims[0][0]
         kept = volume // 8 * 4
         split = ff.Node(
@@ -112,9 +117,7 @@ def build_uflow_graph(
         current = ff.Node([inputs[scale - 1].out0, up.out0], fm.Concat, {"dim": 0}, name=f"cat_{scale}")
         outputs.append(ff.OutputNode(split.out1, name=f"z_{scale}"))
         nodes += [*stage, split, up, current]
-    stage = _flow_stage(
-        current, flow_steps, block_args, subnet_channels_ratio, fast, conditions[0], subnet_kernel
-    )
+    stage = flow_stage(current, condition=conditions[0], kernel=subnet_kernel)
     outputs.append(ff.OutputNode(stage[-1], name="z_0"))
     nodes += stage
     condition_nodes = [c for c in conditions if c is not None]

@@ -30,7 +30,8 @@ def random_maps(seed: int, n_images: int = 6, side: int = 16) -> tuple[torch.Ten
 
 def calibrated(threshold, maps: torch.Tensor, mask: torch.Tensor, batch: int = 4):
     for start in range(0, len(maps), batch):
-        threshold.calibration_update([], maps[start : start + batch], mask[start : start + batch])
+        part = maps[start : start + batch]
+        threshold.calibration_update(part, part, mask[start : start + batch])
     threshold.calibrate()
     return threshold
 
@@ -170,9 +171,8 @@ def test_calibrate_on_normal_takes_the_largest_significance_of_normal_validation
     threshold = mode(calibrate_on_normal=True, **options)
     assert threshold.needs_calibration
     for start in (0, 4):  # two validation batches
-        threshold.calibration_update(
-            [t[start : start + 4] for t in z], torch.rand(2, 1, 32, 32), mask[start : start + 4]
-        )
+        part, amap = [t[start : start + 4] for t in z], torch.rand(len(mask[start : start + 4]), 1, 32, 32)
+        threshold.calibration_update(threshold.significance_map(part, amap), amap, mask[start : start + 4])
     threshold.calibrate()
     plain = mode(**options).segment(z, torch.rand(6, 1, 32, 32)).significance
     normal_max = plain[[0, 2, 3, 4, 5]].max().item()
@@ -252,7 +252,10 @@ def test_a_false_alarm_rate_is_refused_where_it_cannot_apply():
 def test_calibrate_on_normal_never_lowers_the_nfa_level():
     z = noisy_latents(1, spread=0.5)  # under-dispersed: nothing significant on any image
     threshold = NFATreeThreshold(log_nfa_threshold=0.0, calibrate_on_normal=True, clip_lower_tail=True)
-    threshold.calibration_update(z, torch.rand(6, 1, 32, 32), torch.zeros(6, 1, 32, 32, dtype=torch.bool))
+    amap = torch.rand(6, 1, 32, 32)
+    threshold.calibration_update(
+        threshold.significance_map(z, amap), amap, torch.zeros(6, 1, 32, 32, dtype=torch.bool)
+    )
     threshold.calibrate()
     assert float(threshold.calibrated_level) < 0 and threshold.level == 0.0
 
@@ -261,8 +264,9 @@ def test_calibrate_on_normal_refuses_without_calibration_or_normal_images():
     threshold = NFATreeThreshold(calibrate_on_normal=True)
     with pytest.raises(RuntimeError, match="never calibrated.*calibrate_on_normal=false"):
         threshold.segment(noisy_latents(0), torch.rand(6, 1, 32, 32))
+    amap = torch.rand(6, 1, 32, 32)
     threshold.calibration_update(
-        noisy_latents(0), torch.rand(6, 1, 32, 32), torch.ones(6, 1, 32, 32, dtype=torch.bool)
+        threshold.significance_map(noisy_latents(0), amap), amap, torch.ones(6, 1, 32, 32, dtype=torch.bool)
     )
     with pytest.raises(RuntimeError, match="no normal image"):
         threshold.calibrate()

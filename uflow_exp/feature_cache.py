@@ -107,6 +107,7 @@ class CacheSpec:
     image_size: int | Sequence[int]
     layers: Sequence[int] | None = None  # the backbone's feature levels (None: its default)
     dtype: str = "float32"  # how the features are stored, one of DTYPES
+    tile_overlap: float | None = None  # under tiling (image_size cut into input_size tiles); else None
 
     @property
     def label(self) -> str:

@@ -102,11 +102,21 @@ class Threshold(nn.Module):
     def level(self) -> float:
         raise NotImplementedError
 
-    def segment(self, z: Sequence[Tensor], amap: Tensor) -> Segmentation:
-        raise NotImplementedError
+    def significance_map(self, z: Sequence[Tensor], amap: Tensor, tests: int = 1) -> Tensor:
+        """What ``decide`` thresholds, the shape of ``amap``: here the anomaly map itself. ``tests``:
+        how many such maps make up one image (its tiles), for the modes that count their tests."""
+        return amap
 
-    def calibration_update(self, z: Sequence[Tensor], amap: Tensor, mask: Tensor) -> None:
-        """Accumulate a validation batch: latents, anomaly maps and masks (only calibrated modes)."""
+    def decide(self, significance: Tensor, amap: Tensor) -> Segmentation:
+        """The segmentation of a ``significance`` map (and the anomaly map it came with)."""
+        return Segmentation(significance >= self.level, significance)
+
+    def segment(self, z: Sequence[Tensor], amap: Tensor) -> Segmentation:
+        """Latents and anomaly map -> segmentation: ``decide(significance_map(z, amap), amap)``."""
+        return self.decide(self.significance_map(z, amap), amap)
+
+    def calibration_update(self, significance: Tensor, amap: Tensor, mask: Tensor) -> None:
+        """Accumulate a validation batch: significance and anomaly maps, masks (calibrated modes)."""
 
     def calibrate(self) -> None:
         """Set the threshold from what ``calibration_update`` saw, then forget it."""
@@ -233,23 +243,26 @@ class _NFAThreshold(Threshold):
     def _neg_log_nfa(self, z: list[Tensor], size: tuple[int, int]) -> Tensor:
         raise NotImplementedError
 
-    def _significance(self, z: Sequence[Tensor], size: tuple[int, int], device: torch.device) -> Tensor:
-        return self._neg_log_nfa([t.float() for t in z[: self.scales]], size).to(device)
+    def significance_map(self, z, amap, tests=1):
+        """-log10 NFA at the anomaly map's size; with ``tests`` maps (tiles) per image, each one's
+        number of tests counts all of them (NFA x ``tests``), so that the level bounds the expected
+        false alarms per image, not per tile."""
+        z = [t.float() for t in z[: self.scales]]
+        significance = self._neg_log_nfa(z, tuple(amap.shape[-2:])).to(amap.device)
+        return significance - math.log10(tests) if tests > 1 else significance
 
-    def segment(self, z, amap):
-        significance = self._significance(z, tuple(amap.shape[-2:]), amap.device)
+    def decide(self, significance, amap):
         mask = significance > self.level
         if self.refine_fraction is not None:
             mask = refine_regions(mask, amap, self.refine_fraction)
         return Segmentation(mask, significance)
 
-    def calibration_update(self, z, amap, mask):
+    def calibration_update(self, significance, amap, mask):
         if not self.calibrate_on_normal:
             return
         normal = ~mask.flatten(1).any(1)
         if normal.any():
-            significance = self._significance([t[normal] for t in z], tuple(amap.shape[-2:]), amap.device)
-            self._normal_scores.update(significance.flatten(1).amax(dim=1))
+            self._normal_scores.update(significance[normal].flatten(1).amax(dim=1))
 
     def calibrate(self) -> None:
         if not self.calibrate_on_normal:
@@ -332,7 +345,7 @@ class _CalibratedThreshold(Threshold):
         # NaN until calibrated: segmenting with an uncalibrated threshold is refused.
         self.register_buffer("value", torch.tensor(float("nan")))
 
-    def calibration_update(self, z, amap, mask):
+    def calibration_update(self, significance, amap, mask):
         self.histogram.update(amap, mask)
 
     def calibrate(self) -> None:
@@ -357,9 +370,6 @@ class _CalibratedThreshold(Threshold):
                 "(dataset.val_split) and at least one validation epoch"
             )
         return float(self.value)
-
-    def segment(self, z, amap):
-        return Segmentation(amap >= self.level, amap)
 
 
 class NormalQuantileThreshold(_CalibratedThreshold):

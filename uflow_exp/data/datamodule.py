@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Sampler
@@ -14,6 +15,7 @@ from uflow_exp.data.dataset import AnomalyDataset, FeatureLookup, validate_recor
 from uflow_exp.data.io import image_shape as _header_shape
 from uflow_exp.data.layouts import LAYOUTS, check_options, list_records
 from uflow_exp.data.records import DatasetError, FileProblems, Record, Splits, split_off
+from uflow_exp.tiling import Tiler, tiler_of, whole_shape
 from uflow_exp.utils.shapes import Shape, as_shape, keep_aspect, shape_text
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,11 @@ class AnomalyDataModule(L.LightningDataModule):
             likewise, shorter side ``eval_size``): see `image_shape`.
         size_multiple: the longer side of a "keep_aspect" rectangle is rounded to a multiple of this
             (the backbone's largest stride).
+        tiling: None, or ``{scale, overlap, shape, batch}`` (``uflow_exp.tiling``): each image, at its
+            own aspect and ``scale`` ("native" or its longer side in pixels; ``shape`` once known), is
+            cut into tiles of ``image_size`` overlapping by at least ``overlap``; training samples are
+            tiles, evaluation samples whole images (masks: ``eval_size`` per tile). ``resize`` is
+            then unused.
         val_split: "train" validates on a seeded `val_fraction` of the normal training images
             (unsupervised); "test" validates on the test set, as the paper does (label leakage).
         seed: seeds every split (validation, LGG patients, folder tests) and the textures; kept apart
@@ -98,6 +105,7 @@ class AnomalyDataModule(L.LightningDataModule):
         eval_size: int | list[int] | None = None,
         resize: str = "square",
         size_multiple: int = 32,
+        tiling: dict | None = None,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -129,7 +137,10 @@ class AnomalyDataModule(L.LightningDataModule):
         # an explicit rectangle is taken as it is; a single side keeps the data's aspect on request
         self.resize = resize if not isinstance(image_size, list | tuple) else "square"
         self.size_multiple = int(size_multiple)
-        self._shaped = self.resize == "square"
+        # {scale, overlap, shape, batch} (uflow_exp.tiling); its shape is set from the data if not given
+        self.tiling = None if not tiling else dict(tiling)
+        self.tiler: Tiler | None = None
+        self._shaped = self.resize == "square" and self.tiling is None
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -157,38 +168,52 @@ class AnomalyDataModule(L.LightningDataModule):
         self._find()
 
     def image_shape(self) -> tuple[Shape, Shape]:
-        """The (height, width) of the images and of the masks the loaders yield. Under "keep_aspect"
-        they follow the median aspect ratio of the training images (read from the files' headers,
-        once); an image whose ratio is more than `ASPECT_TOLERANCE` away from it is refused, naming
-        it, since one rectangle would distort it as the square does."""
-        if not self._shaped:
-            found, _ = self._find()
-            shapes = {r.image: _header_shape(r.image) for r in [*found.train, *found.test]}
-            ratios = sorted(h / w for h, w in (shapes[r.image] for r in found.train))
-            if not ratios:
-                raise DatasetError(
-                    f"{self.layout} (root {self.root}): no training images to take the aspect of"
+        """The (height, width) of the images and of the masks the evaluation loaders yield (under
+        tiling, whole images, which the model cuts into tiles of the configured ``image_size``; the
+        training loader yields those tiles). Under "keep_aspect" or tiling they follow the training
+        images (`data_shape`); a ``tiling.shape`` already known (a trained model's) is taken as it is."""
+        if self._shaped:
+            return self.image_size, self.eval_size
+        if self.tiling is not None:
+            tile, tile_map = self.image_size, self.eval_size
+            if self.tiling.get("shape") is None:
+                height, width = self.data_shape()
+                self.tiling["shape"] = list(
+                    whole_shape(height, width, self.tiling.get("scale", "native"), tile)
                 )
-            ratio = ratios[len(ratios) // 2]
-            for path, (h, w) in shapes.items():
-                if abs(h / w / ratio - 1) > ASPECT_TOLERANCE:
-                    raise DatasetError(
-                        f"dataset.resize=keep_aspect: {path} is {w} x {h} pixels (width x height), an aspect "
-                        f"ratio (height / width) of {h / w:.3f} against the training images' {ratio:.3f}; "
-                        "one rectangle fits images of one shape: use dataset.resize=square for mixed shapes"
-                    )
-            short = min(self.image_size)
-            self.image_size = keep_aspect(short, round(ratio * 1_000_000), 1_000_000, self.size_multiple)
-            height, width = self.image_size
-            eval_short = min(self.eval_size)
-            self.eval_size = keep_aspect(eval_short, height, width)
-            self._shaped = True
-            log.info(
-                "dataset.resize=keep_aspect: images %s, maps %s (height x width)",
-                shape_text(self.image_size),
-                shape_text(self.eval_size),
-            )
+            self.tiler = tiler_of(self.tiling, tile)
+            self.image_size, self.eval_size = self.tiler.shape, self.tiler.blended_shape(tile_map)
+            how = f"{len(self.tiler)} tiles of {shape_text(tile)} (overlap >= {self.tiler.overlap:g})"
+            log.info("dataset.tiling: images %s, %s, maps %s (height x width)",
+                     shape_text(self.image_size), how, shape_text(self.eval_size))  # fmt: skip
+        else:
+            height, width = self.data_shape()
+            self.image_size = keep_aspect(min(self.image_size), height, width, self.size_multiple)
+            self.eval_size = keep_aspect(min(self.eval_size), *self.image_size)
+            log.info("dataset.resize=keep_aspect: images %s, maps %s (height x width)",
+                     shape_text(self.image_size), shape_text(self.eval_size))  # fmt: skip
+        self._shaped = True
         return self.image_size, self.eval_size
+
+    def data_shape(self) -> Shape:
+        """The median height and width of the training images (read from the files' headers). An
+        image, training or test, whose aspect ratio is more than `ASPECT_TOLERANCE` away from theirs
+        is refused, naming it: one rectangle would distort it as the square does."""
+        found, _ = self._find()
+        shapes = {r.image: _header_shape(r.image) for r in [*found.train, *found.test]}
+        if not found.train:
+            raise DatasetError(f"{self.layout} (root {self.root}): no training images to take the shape of")
+        height, width = (int(np.median([shapes[r.image][axis] for r in found.train])) for axis in (0, 1))
+        ratio = height / width
+        for path, (h, w) in shapes.items():
+            if abs(h / w / ratio - 1) > ASPECT_TOLERANCE:
+                how = "tiling" if self.tiling is not None else "resize=keep_aspect"
+                raise DatasetError(
+                    f"dataset.{how}: {path} is {w} x {h} pixels (width x height), an aspect ratio "
+                    f"(height / width) of {h / w:.3f} against the training images' {ratio:.3f}; one "
+                    "rectangle fits images of one shape: use dataset.resize=square for mixed shapes"
+                )
+        return height, width
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:
@@ -208,7 +233,7 @@ class AnomalyDataModule(L.LightningDataModule):
             train, val = split_off(train, self.val_fraction, self.seed)
         else:
             val = test
-        self.train_dataset = AnomalyDataset(train, self.image_size, self.eval_size)
+        self.train_dataset = AnomalyDataset(train, self.image_size, self.eval_size, tiles=self.tiler)
         self.val_dataset = AnomalyDataset(val, self.image_size, self.eval_size)
         self.test_dataset = AnomalyDataset(test, self.image_size, self.eval_size)
         anomalous = sum(r.label for r in test)
@@ -235,7 +260,7 @@ class AnomalyDataModule(L.LightningDataModule):
         `EpochSeededSampler`, so the images a limited run will ever see are known before it starts."""
         if self.train_dataset is None:
             raise RuntimeError("call setup() before asking for the training images")
-        length = len(self.train_dataset)
+        length = len(self.train_dataset)  # samples: images, or their tiles
         batches = -(-length // self.batch_size)
         batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
         sampler = self._training_sampler(self.train_dataset)
@@ -243,7 +268,8 @@ class AnomalyDataModule(L.LightningDataModule):
         for epoch in range(epochs):
             sampler.set_epoch(epoch)
             drawn.update(list(sampler)[: batches * self.batch_size])
-        return [record for i, record in enumerate(self.train_dataset.records) if i in drawn]
+        chosen = {id(self.train_dataset.record_of(i)) for i in drawn}  # a tile draws its image
+        return [record for record in self.train_dataset.records if id(record) in chosen]
 
     def serve_features(self, features: FeatureLookup) -> None:
         """From now on the training and validation loaders yield each image's stored features

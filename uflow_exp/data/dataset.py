@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from uflow_exp.data.io import image_shape, mask_shape, read_image, read_mask
 from uflow_exp.data.records import BadFileError, FileProblems, NpyFrame, Record
+from uflow_exp.tiling import Tiler
 from uflow_exp.utils.shapes import as_shape
 
 
@@ -31,8 +32,12 @@ class AnomalyDataset(Dataset):
     metrics and thresholds see; `image_size` when None). Pixel normalisation belongs to the model.
 
     With `features` (set by the training task once it has computed them) a sample carries the
-    image's stored backbone `features` (a list of per-scale tensors) instead of `image`, and the
-    image file is not decoded.
+    image's stored backbone `features` (a list of per-scale tensors; under tiling (tiles, C, h, w)
+    each) instead of `image`, and the image file is not decoded.
+
+    With `tiles` (a `Tiler` of images at `image_size`) every tile of every image is a sample of its
+    own, whose `image` (or `features`) is that tile's, without a `mask`: training takes tiles as
+    samples, evaluation takes whole images and the model tiles them.
     """
 
     def __init__(
@@ -41,17 +46,35 @@ class AnomalyDataset(Dataset):
         image_size: int | Sequence[int],
         eval_size: int | Sequence[int] | None = None,
         features: FeatureLookup | None = None,
+        tiles: Tiler | None = None,
     ) -> None:
         self.records = list(records)
         self.image_size = as_shape(image_size, "image_size")
         self.eval_size = as_shape(eval_size or image_size, "eval_size")
         self.features = features
+        self.tiles = tiles
+        self._per_image = 1 if tiles is None else len(tiles)
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.records) * self._per_image
+
+    def record_of(self, index: int) -> Record:
+        """The record sample ``index`` comes from (one of its tiles, under `tiles`)."""
+        return self.records[index // self._per_image]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
-        record = self.records[index]
+        sample = self._whole(self.record_of(index))
+        if self.tiles is None:
+            return sample
+        tile = index % self._per_image
+        del sample["mask"]  # training, the one reader of tiles, reads no mask
+        if "features" in sample:
+            sample["features"] = [scale[tile] for scale in sample["features"]]
+        else:
+            sample["image"] = self.tiles.crop(sample["image"], tile)
+        return sample
+
+    def _whole(self, record: Record) -> dict[str, torch.Tensor | str]:
         if record.mask is None:
             mask = torch.zeros(1, *self.eval_size, dtype=torch.bool)
         else:

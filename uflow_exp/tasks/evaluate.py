@@ -94,6 +94,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         if ours:  # the data set's image and mask sizes follow the checkpoint
             cfg.backbone = hparams["backbone"]
             cfg.model.eval_size = hparams.get("eval_size")
+            cfg.dataset.tiling = hparams.get("tiling")
             cfg.threshold = override or hparams["threshold"]
         else:  # the authors' release: described by the config; its backbone weights are inside
             cfg.backbone.pretrained = False

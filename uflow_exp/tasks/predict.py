@@ -241,7 +241,7 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     level = None if nfa else module.threshold.level  # calibrated modes: the map value the colour bar marks
     write = _Writer(output, cfg.raw_map, float(cfg.overlay_alpha), nfa, level)
     loader = DataLoader(
-        _Guarded(files, module.hparams.backbone["input_size"]),
+        _Guarded(files, list(module.image_shape)),
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
         collate_fn=_collate,

@@ -17,6 +17,7 @@ from uflow_exp.data import AnomalyDataModule
 from uflow_exp.data.records import Record
 from uflow_exp.feature_cache import CacheSpec, FeatureCacheError, open_feature_cache, parse_mode
 from uflow_exp.models.uflow.lightning_module import UFlowModule
+from uflow_exp.tiling import TiledExtractor
 from uflow_exp.utils import (
     find_last_checkpoint,
     instantiate_dict,
@@ -121,9 +122,12 @@ def cache_features(
         input_size=backbone["input_size"],
         image_size=datamodule.image_size,
         dtype=cfg.get("feature_cache_dtype", "float32"),
+        tile_overlap=None if module.tiler is None else module.tiler.overlap,
     )
     device = trainer.strategy.root_device
     extractor = module.model.feature_extractor.to(device)
+    if module.tiler is not None:  # one row per image: its tiles' features together
+        extractor = TiledExtractor(extractor, module.tiler, module.tile_batch)
     paths = [str(r.image) for r in records]
     world, rank = trainer.world_size, trainer.global_rank
     if world > 1 and mode != "disk":
@@ -197,14 +201,18 @@ def calibrate_kept_checkpoints(trainer: L.Trainer, model: UFlowModule, datamodul
 
 def take_data_shape(cfg: DictConfig, datamodule: AnomalyDataModule, config_file: Path) -> None:
     """Under ``dataset.resize=keep_aspect`` the data decide the rectangle the backbone takes and the
-    maps are scored at: it becomes ``backbone.input_size`` and ``model.eval_size`` ([height, width]), so
+    maps are scored at: it becomes ``backbone.input_size`` and ``model.eval_size`` ([height, width]);
+    under ``dataset.tiling``, the whole-image shape the tiles are cut from becomes ``tiling.shape``. So
     the model is built for it, the checkpoint records it and evaluate / predict / export follow it."""
-    if datamodule.resize != "keep_aspect":
+    if datamodule.resize != "keep_aspect" and datamodule.tiling is None:
         return
     images, maps = datamodule.image_shape()
     with open_dict(cfg):
-        cfg.backbone.input_size = list(images)
-        cfg.model.eval_size = list(maps)
+        if datamodule.tiling is not None:
+            cfg.dataset.tiling.shape = list(images)
+        else:
+            cfg.backbone.input_size = list(images)
+            cfg.model.eval_size = list(maps)
     if is_rank_zero():
         config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
 

@@ -16,6 +16,7 @@ from uflow_exp.metrics import AnomalyMetrics
 from uflow_exp.models.uflow.loss import nll_loss
 from uflow_exp.models.uflow.model import UFlow
 from uflow_exp.thresholds import Threshold
+from uflow_exp.tiling import tiler_of
 from uflow_exp.utils.shapes import as_shape, shape_text
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,10 @@ class UFlowModule(L.LightningModule):
         scheduler: a ``_partial_`` scheduler config, stepped after every optimizer step, or None; a
             ``total_iters`` it leaves open is the run's number of optimizer steps.
         eval_size: side of the maps that metrics and thresholds see (the reference uses 256), or
-            their ``[height, width]``; None: the backbone's input size.
+            their ``[height, width]``; None: the backbone's input size. Under tiling, each tile's.
+        tiling: None, or the data's ``{scale, overlap, shape, batch}`` (``uflow_exp.tiling``): whole
+            images of ``shape`` are cut into tiles of the backbone's input size, ``batch`` tiles at
+            a time go through the model, and the tile maps are blended into each image's map.
         metric_bins: score bins of the pixel metrics (memory stays bounded; see uflow_exp.metrics).
     """
 
@@ -57,6 +61,7 @@ class UFlowModule(L.LightningModule):
         optimizer: dict,
         scheduler: dict | None = None,
         eval_size: int | list[int] | None = None,
+        tiling: dict | None = None,
         metric_bins: int = 10_000,
     ) -> None:
         super().__init__()
@@ -68,6 +73,7 @@ class UFlowModule(L.LightningModule):
                 "optimizer": _plain(optimizer),
                 "scheduler": _plain(scheduler),
                 "eval_size": _plain(eval_size),
+                "tiling": _plain(tiling) or None,
                 "metric_bins": metric_bins,
             },
             # the task logs the whole run config, nested; Lightning would flatten these beside it
@@ -78,6 +84,8 @@ class UFlowModule(L.LightningModule):
         self.threshold: Threshold = hydra.utils.instantiate(hp.threshold)
         # (H, W) of the maps that metrics and thresholds see
         self.eval_size = as_shape(eval_size or hp.backbone["input_size"], "model.eval_size")
+        self.tiler = tiler_of(hp.tiling, self.model.input_shape)
+        self.tile_batch = int((hp.tiling or {}).get("batch", 16))
         self.val_metrics = AnomalyMetrics(n_bins=metric_bins)
         self.test_metrics = AnomalyMetrics(n_bins=metric_bins)
         self._val_anomalous = 0
@@ -105,6 +113,17 @@ class UFlowModule(L.LightningModule):
         module = cls(**hparams)
         module.load_state_dict(checkpoint["state_dict"])
         return module.to(map_location)
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """The (height, width) images are given at: the backbone's input, or under tiling the whole
+        image the tiles are cut from."""
+        return self.model.input_shape if self.tiler is None else self.tiler.shape
+
+    @property
+    def map_shape(self) -> tuple[int, int]:
+        """The (height, width) of an image's maps: ``eval_size``, or under tiling the tiles' blended."""
+        return self.eval_size if self.tiler is None else self.tiler.blended_shape(self.eval_size)
 
     def use_onnx(self, path: str) -> None:
         """Predict and test with the exported graph at ``path`` (onnxruntime on the CPU) instead of
@@ -168,15 +187,54 @@ class UFlowModule(L.LightningModule):
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def _eval_masks(self, batch: dict) -> torch.Tensor:
-        """The batch's masks, which the data set resized once to ``eval_size``."""
+        """The batch's masks, which the data set resized once to the maps' shape."""
         mask = batch["mask"]
-        if tuple(mask.shape[-2:]) != self.eval_size:
+        if tuple(mask.shape[-2:]) != self.map_shape:
             raise ValueError(
                 f"the data yields {shape_text(mask.shape[-2:])} masks, the model evaluates "
-                f"{shape_text(self.eval_size)} maps: set dataset.eval_size to model.eval_size "
-                "(the configs do: ${model.eval_size})"
+                f"{shape_text(self.map_shape)} maps: set dataset.eval_size to model.eval_size "
+                "(the configs do: ${model.eval_size}) and dataset.tiling to the model's"
             )
         return mask.bool()
+
+    def _maps(
+        self, batch: dict, loss: bool = False, significance: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Anomaly map, significance (what the threshold decides on; if asked) and NLL loss (if
+        asked) of a batch of images at ``image_shape``, or of their cached ``features``. Under tiling
+        each image's tiles go through the model ``tile_batch`` at a time, the significance counting
+        every tile of the image as tests, and the tile maps are blended (anomaly map: mean where
+        tiles overlap; significance: maximum)."""
+        if self.tiler is None:
+            return self._tile_maps(batch, loss, significance, tests=1)
+        if "features" in batch:  # (B, tiles, C, h, w) per scale, as the tiled feature cache stores them
+            tiles = [scale.flatten(0, 1) for scale in batch["features"]]
+            chunks = [
+                {"features": [scale[i : i + self.tile_batch] for scale in tiles]}
+                for i in range(0, len(tiles[0]), self.tile_batch)
+            ]
+        else:
+            chunks = [{"image": part} for part in self.tiler.cut(batch["image"]).split(self.tile_batch)]
+        parts = [self._tile_maps(chunk, loss, significance, tests=len(self.tiler)) for chunk in chunks]
+        amap = self.tiler.blend(torch.cat([part[0] for part in parts]), "mean")
+        signif = self.tiler.blend(torch.cat([part[1] for part in parts]), "max") if significance else None
+        if not loss:
+            return amap, signif, None
+        sizes = torch.tensor([len(part[0]) for part in parts], device=amap.device, dtype=torch.float32)
+        return amap, signif, (torch.stack([part[2] for part in parts]) * sizes).sum() / sizes.sum()
+
+    def _tile_maps(
+        self, batch: dict, loss: bool, significance: bool, tests: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """`_maps` of images (or features) the model takes as they are: the backbone's input size."""
+        if self.inference is not None:
+            amap, z = self.inference(batch["image"])
+            nll = None
+        else:
+            z, log_jac_det = self._latents(batch, jac=loss)  # maps and thresholds need only the latents
+            amap = self.model.anomaly_map(z, self.eval_size)
+            nll = nll_loss(z, log_jac_det) if loss else None
+        return amap, self.threshold.significance_map(z, amap, tests) if significance else None, nll
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = nll_loss(*self._latents(batch, generator=self._noise_generator()))
@@ -195,23 +253,17 @@ class UFlowModule(L.LightningModule):
         self._val_anomalous = 0
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        z, log_jac_det = self._latents(batch)
+        amap, significance, loss = self._maps(batch, loss=True, significance=self._calibrating())
         self.log(
-            "val/loss",
-            nll_loss(z, log_jac_det),
-            on_epoch=True,
-            prog_bar=True,
-            sync_dist=True,
-            batch_size=len(batch["label"]),
+            "val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(batch["label"])
         )
-        amap = self.model.anomaly_map(z, self.eval_size)
         mask = self._eval_masks(batch)
-        if self._calibrating():
+        if significance is not None:
             # only images whose pixels are known: an anomalous image labelled without a mask has an
             # empty mask, and would calibrate as a normal one (val_split=test with image labels)
             known = (batch["has_mask"].bool() | (batch["label"] == 0)).to(amap.device)
             with self.trainer.profiler.profile("threshold_calibration"):  # a no-op unless profiling
-                self.threshold.calibration_update([t[known] for t in z], amap[known], mask[known])
+                self.threshold.calibration_update(significance[known], amap[known], mask[known])
         self.val_metrics.update(amap, mask, labels=batch["label"], has_mask=batch["has_mask"])
         self._val_anomalous += int(batch["label"].sum())
 
@@ -231,13 +283,9 @@ class UFlowModule(L.LightningModule):
         self.val_metrics.reset()
 
     def predict_step(self, batch: dict, batch_idx: int = 0) -> dict[str, torch.Tensor]:
-        """Anomaly map, segmentation and the map it thresholds, at ``eval_size``."""
-        if self.inference is not None:
-            amap, z = self.inference(batch["image"])
-        else:
-            z, _ = self._latents(batch, jac=False)  # maps and thresholds need only the latents
-            amap = self.model.anomaly_map(z, self.eval_size)
-        segmentation = self.threshold.segment(z, amap)
+        """Anomaly map, segmentation and the map it thresholds, at ``map_shape``."""
+        amap, significance, _ = self._maps(batch)
+        segmentation = self.threshold.decide(significance, amap)
         return {
             "anomaly_map": amap,
             "segmentation": segmentation.mask,

@@ -169,3 +169,60 @@ def test_a_one_pixel_line_is_found_with_tiling_and_lost_without(tmp_path):
     assert whole["test/image_auroc"] < 0.8 and whole["test/detection_recall"] < 0.5
     assert tiled["test/image_auroc"] == 1.0 and tiled["test/pixel_auroc"] > 0.9
     assert tiled["test/detection_recall"] >= 0.75 and tiled["test/false_alarm_rate"] <= 0.25
+
+
+def test_a_tiled_run_evaluates_predicts_and_runs_onnx_as_it_trained(tmp_path):
+    from omegaconf import OmegaConf
+
+    from tests import fake_layouts
+    from tests.framework_helpers import TINY, compose_train
+    from uflow_exp.models.uflow.lightning_module import UFlowModule
+    from uflow_exp.tasks.evaluate import evaluate
+    from uflow_exp.tasks.predict import predict
+    from uflow_exp.tasks.train import train
+
+    root = fake_layouts.make_mvtec(tmp_path / "data", n_train=6, size=(96, 160))
+    data = ["dataset=mvtec", f"dataset.root={root}", "dataset.num_workers=0"]
+    tiling = "dataset.tiling={scale:native,overlap:0.25,batch:4}"
+    trained = train(compose_train([*TINY, *data, tiling], tmp_path / "run"))
+    saved = OmegaConf.load(tmp_path / "run" / "config_resolved.yaml")
+    assert list(saved.dataset.tiling.shape) == [96, 160] and list(saved.model.tiling.shape) == [96, 160]
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    module = UFlowModule.from_checkpoint(str(ckpt))
+    assert len(module.tiler) == 6 and module.image_shape == (96, 160) and module.map_shape == (96, 160)
+
+    # evaluate without dataset.tiling: the checkpoint's tiling is the data's
+    cfg = compose_train([*data, "logger=csv", "trainer=cpu", f"ckpt_path={ckpt}"], tmp_path / "eval", "eval")
+    evaluated = evaluate(cfg)
+    for key in (
+        "test/pixel_auroc",
+        "test/pixel_aupro",
+        "test/image_auroc",
+        "test/miou",
+        "test/threshold_level",
+    ):
+        assert evaluated[key] == pytest.approx(trained[key], rel=1e-6), key
+
+    out = tmp_path / "predicted"
+    overrides = [f"ckpt_path={ckpt}", f"input={root / 'bottle' / 'test' / 'broken'}", f"output={out}"]
+    cfg = compose_train([*overrides, "num_workers=0", "device=cpu", "raw_map=npy"], out / "run", "predict")
+    assert predict(cfg) == {"images": 2, "failed": 0}
+    assert np.load(out / "maps" / "000.npy").shape == (96, 160)
+
+    pytest.importorskip("onnxruntime")
+    import json
+
+    import onnx
+
+    from uflow_exp.tasks.export import export_onnx
+
+    path = export_onnx(module, tmp_path / "model.onnx")  # one tile in, one tile's maps out
+    metadata = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert metadata["input_size"] == "64" and json.loads(metadata["tiling"])["image_size"] == [96, 160]
+    assert len(json.loads(metadata["tiling"])["tile_origins"]) == 6
+    images = torch.rand(2, 3, 96, 160)
+    expected = module.predict_step({"image": images})
+    module.use_onnx(str(path))
+    stitched = module.predict_step({"image": images})
+    assert torch.allclose(stitched["anomaly_map"], expected["anomaly_map"], atol=1e-4)
+    assert (stitched["segmentation"] != expected["segmentation"]).float().mean() < 1e-3

@@ -9,6 +9,7 @@ thresholds take; the batch axis is dynamic. Thresholds and the NFA stay in Pytho
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -69,6 +70,23 @@ def _export_onnx_graph(net: AnomalyMapNet, example: torch.Tensor, output: Path, 
         )
 
 
+def _tiling_metadata(module: UFlowModule) -> dict[str, str]:
+    """How a tiled model's graph is run: on each tile of the whole image, maps averaged where tiles
+    overlap (what ``predict`` and ``backend=onnxruntime`` do)."""
+    if module.tiler is None:
+        return {}
+    tiler = module.tiler
+    return {
+        "tiling": json.dumps(
+            {
+                "image_size": list(tiler.shape),
+                "tile_origins": [list(origin) for origin in tiler.origins],
+                "maps": "one graph call per tile at input_size; the whole map averages overlapping tiles",
+            }
+        )
+    }
+
+
 def export_onnx(module: UFlowModule, output: str | Path, opset: int = 17, fast_flow: bool = True) -> Path:
     """Write ``module``'s images -> anomaly-map graph to ``output`` and check it with ``onnx.checker``.
 
@@ -104,6 +122,7 @@ def export_onnx(module: UFlowModule, output: str | Path, opset: int = 17, fast_f
         "backbone": str(module.hparams.backbone["name"]),
         "flow_blocks": flow_kind,
         "latents": str(len(module.model.feature_extractor.channels)),
+        **_tiling_metadata(module),
     }.items():
         graph.metadata_props.add(key=key, value=value)
     onnx.save(graph, str(output))

@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test test-all lint format bench bench-accuracy bench-fit bench-maps bench-peers gpu-wheels clean
+.PHONY: install run test test-all lint format bench bench-accuracy bench-fit bench-maps bench-peers bench-predict-memory gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,7 +34,7 @@ format: $(STAMP)
 
 # speed tables (13 min); accuracy has its own target: it trains on real data (about 10 min)
 bench: $(STAMP)
-	for script in $(filter-out benchmarks/bench_accuracy.py benchmarks/bench_peers.py benchmarks/bench_fit.py benchmarks/bench_maps.py,$(wildcard benchmarks/bench_*.py)); do \
+	for script in $(filter-out benchmarks/bench_accuracy.py benchmarks/bench_peers.py benchmarks/bench_fit.py benchmarks/bench_maps.py benchmarks/bench_predict_memory.py,$(wildcard benchmarks/bench_*.py)); do \
 		$(PY) $$script $(ARGS) || exit 1; done
 
 bench-accuracy: $(STAMP)
@@ -54,6 +54,10 @@ gpu-wheels: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache logs build *.egg-info
+
+# peak memory of predict on 1 and 5 MP images under dataset.tiling (about 5 min)
+bench-predict-memory: $(STAMP)
+	$(PY) benchmarks/bench_predict_memory.py $(ARGS)
 
 # this project against anomalib's Uflow, same images and settings (makes .venv-peers on first use)
 bench-peers: $(STAMP)

@@ -11,6 +11,7 @@ AUROC, AUPRO@0.3; image AUROC exact). Variants:
 - `product p`: 1 - exp(-mean over scales of 0.5 mean_c z^2), the scales' likelihoods multiplied
   (a monotone function of the mean negative log-likelihood: no scale saturates the others);
 - `scale k`: one scale's likelihood alone (finest first), to see which scales carry the defects;
+- `mean p, scales k-n`: the method's map without the scales finer than k;
 - `+ blur s`: a Gaussian of s pixels at the evaluation size (`flow.map_blur_sigma`);
 - image score `max` (the method's) or `top 1 %` (mean of the highest 1 % of the map's pixels).
 
@@ -53,6 +54,8 @@ def variants(n_scales: int) -> dict[str, Callable[[list[torch.Tensor], int], tor
     }
     for k in range(n_scales):
         maps[f"scale {k + 1}"] = lambda z, size, k=k: anomaly_map(z[k : k + 1], size)
+    for k in range(1, n_scales - 1):
+        maps[f"mean p, scales {k + 1}-{n_scales}"] = lambda z, size, k=k: anomaly_map(z[k:], size)
     for name in ("mean p", "product p"):
         for sigma in (2.0, 4.0):
             radius = max(1, int(4 * sigma + 0.5))

@@ -43,6 +43,7 @@ from torchvision.transforms.functional import gaussian_blur
 from uflow_exp.metrics import AnomalyMetrics
 from uflow_exp.models.uflow.feature_extraction import build_feature_extractor
 from uflow_exp.utils import CONFIG_DIR
+from uflow_exp.utils.shapes import as_shape
 
 LEVELS = [2, 3]  # timm feature levels: strides 8 and 16
 PROJECTION_DIMS = 128
@@ -112,6 +113,15 @@ def run(overrides: list[str], seed: int, coreset_ratio: float = 1.0) -> dict[str
     # the images and maps U-Flow's run sees: a square, or the data's rectangle (dataset.resize=keep_aspect)
     input_shape, eval_size = datamodule.image_shape()
     datamodule.setup("fit")
+    # under dataset.tiling, as U-Flow does: the memory bank from every tile, each test tile's map
+    # blended (mean where tiles overlap) into the whole image's
+    tiler = datamodule.tiler
+    if tiler is not None:
+        input_shape, tile_map = tiler.tile, as_shape(cfg.model.eval_size)
+
+    def inputs(batch: dict) -> torch.Tensor:
+        return batch["image"] if tiler is None else tiler.cut(batch["image"])
+
     extractor = build_feature_extractor(
         backbone["name"],
         input_shape,
@@ -125,7 +135,7 @@ def run(overrides: list[str], seed: int, coreset_ratio: float = 1.0) -> dict[str
     with torch.inference_mode():
         bank = torch.cat(
             [
-                patch_features(extractor, batch["image"]).permute(0, 2, 3, 1).flatten(0, 2)
+                patch_features(extractor, inputs(batch)).permute(0, 2, 3, 1).flatten(0, 2)
                 for batch in datamodule.image_loader(normal)
             ]
         )
@@ -142,10 +152,15 @@ def run(overrides: list[str], seed: int, coreset_ratio: float = 1.0) -> dict[str
     maps, batches = [], []
     with torch.inference_mode():
         for batch in datamodule.test_dataloader():
-            features = patch_features(extractor, batch["image"])
+            features = patch_features(extractor, inputs(batch))
             b, _, h, w = features.shape
             scores = nearest_distances(features.permute(0, 2, 3, 1).flatten(0, 2), bank).view(b, 1, h, w)
-            scores = F.interpolate(scores, size=eval_size, mode="bilinear", align_corners=False)
+            if tiler is None:
+                scores = F.interpolate(scores, size=eval_size, mode="bilinear", align_corners=False)
+            else:
+                scores = tiler.blend(
+                    F.interpolate(scores, size=tile_map, mode="bilinear", align_corners=False)
+                )
             maps.append(gaussian_blur(scores, kernel_size=2 * math.ceil(4 * SIGMA) + 1, sigma=SIGMA))
             batches.append({k: batch[k] for k in ("mask", "label", "has_mask")})
     low, high = min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)

@@ -230,7 +230,9 @@ def test_tradeoff_figure_lists_every_level_the_calibration_can_take(tmp_path):
 
 
 def test_predict_memory_benchmark_prints_a_row_per_size_and_batch():
-    out = run(sys.executable, "benchmarks/bench_predict_memory.py", "--sizes", "320x256", "--batches", "1", "2")
+    out = run(
+        sys.executable, "benchmarks/bench_predict_memory.py", "--sizes", "320x256", "--batches", "1", "2"
+    )
     rows = table_rows(out, "320x256")
     assert [row[3] for row in rows] == ["1", "2"] and all(row[2] == "2" for row in rows)  # two 256 px tiles
     assert all(float(row[4]) > 100 and float(row[5]) > 0 for row in rows)

@@ -53,3 +53,14 @@ def test_nearest_distances_are_the_distances_to_the_nearest_bank_row(monkeypatch
     expected = torch.stack([min((q - b).norm() for b in bank) for q in queries])
     assert torch.allclose(knn_baseline.nearest_distances(queries, bank), expected, atol=1e-5)
     assert torch.allclose(knn_baseline.nearest_distances(bank, bank), torch.zeros(11), atol=1e-3)
+
+
+def test_the_tiled_baseline_banks_every_tile_and_blends_the_test_maps(tmp_path):
+    from tests import fake_layouts
+
+    root = fake_layouts.make_mvtec(tmp_path / "data", n_train=6, size=(64, 96))
+    overrides = ["dataset=mvtec", f"dataset.root={root}", "backbone.input_size=64", "model.eval_size=64",
+                 "dataset.num_workers=0", "dataset.tiling={scale:native,overlap:0.25}"]  # fmt: skip
+    metrics = knn_baseline.run(overrides, seed=0)
+    assert metrics["memory_bank_patches"] == 6 * 2 * 8 * 8  # two 64 px tiles (columns 0 and 32) per image
+    assert metrics["test/pixel_auroc"] > 0.9 and metrics["test/image_auroc"] > 0.9

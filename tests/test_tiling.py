@@ -59,15 +59,22 @@ def test_blending_the_cut_tiles_gives_the_image_back_by_mean_and_by_max():
         tiler.cut(torch.rand(1, 3, 100, 100))
 
 
-def test_blending_averages_overlaps_and_keeps_the_largest_and_scales_tile_maps():
+def test_blending_fades_from_tile_to_tile_across_overlaps_keeps_the_largest_and_scales_tile_maps():
     tiler = Tiler((64, 112), 64, 0.25)  # two tiles, columns 0-63 and 48-111
     assert tiler.origins == [(0, 0), (0, 48)]
     maps = torch.stack([torch.full((1, 64, 64), 1.0), torch.full((1, 64, 64), 3.0)])
     mean, top = tiler.blend(maps, "mean")[0, 0], tiler.blend(maps, "max")[0, 0]
-    assert mean[0, :48].eq(1).all() and mean[0, 48:64].eq(2).all() and mean[0, 64:].eq(3).all()
+    assert mean[:, :48].eq(1).all() and mean[:, 64:].eq(3).all()
+    # across the 16 overlapping columns the weight passes linearly from the left tile to the right one
+    expected = 1 + 2 * (torch.arange(16) + 0.5) / 16
+    assert torch.allclose(mean[0, 48:64], expected) and mean[:, 48:64].eq(mean[0, 48:64]).all()
     assert top[0, :48].eq(1).all() and top[0, 48:].eq(3).all()
     half = tiler.blend(maps[..., ::2, ::2], "mean")  # 32 px maps of 64 px tiles: a half-size image map
-    assert half.shape == (1, 1, 32, 56) and half[0, 0, 0, 24:32].eq(2).all()
+    assert half.shape == (1, 1, 32, 56) and torch.allclose(
+        half[0, 0, 0, 24:32], 1 + 2 * (torch.arange(8) + 0.5) / 8
+    )
+    three = Tiler((64, 160), 64, 0.5)  # columns 0, 32, 64, 96: overlaps of half a tile
+    assert torch.allclose(three.blend(torch.full((4, 1, 64, 64), 2.0)), torch.full((1, 1, 64, 160), 2.0))
 
 
 def test_the_cut_shape_is_native_or_the_long_side_and_always_holds_a_tile():

@@ -74,9 +74,12 @@ class Tiler:
         return tuple(round(s * m / t) for s, m, t in zip(self.shape, tile_map, self.tile, strict=True))
 
     def blend(self, maps: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
-        """(B * len(self), C, h, w) tile maps (from `cut`'s order) -> (B, C, *blended_shape): where
-        tiles overlap, their mean (``reduce="mean"``, for anomaly maps) or maximum (``"max"``, for
-        significance, so that a region any tile finds stays found)."""
+        """(B * len(self), C, h, w) tile maps (from `cut`'s order) -> (B, C, *blended_shape). Where tiles
+        overlap: ``reduce="mean"`` (anomaly maps) weighs each tile by how far inside it a pixel lies,
+        fading linearly to zero across the overlap towards its neighbour (the weights of two
+        neighbours sum to one), so no seam shows where a tile ends and the features a tile computes at
+        its padded border count least; ``"max"`` (significance) keeps the largest, so that a region any
+        tile finds stays found."""
         if reduce not in ("mean", "max"):
             raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
         tiles = maps.unflatten(0, (-1, len(self)))
@@ -84,16 +87,38 @@ class Tiler:
         height, width = self.blended_shape((h, w))
         fill = 0.0 if reduce == "mean" else float("-inf")
         out = maps.new_full((tiles.shape[0], maps.shape[1], height, width), fill)
-        count = maps.new_zeros((1, 1, height, width))
+        total = maps.new_zeros((1, 1, height, width))
+        rows = _fades(self._starts(0), self.tile[0], h)
+        cols = _fades(self._starts(1), self.tile[1], w)
         for i, (top, left) in enumerate(self.origins):
             y, x = round(top * h / self.tile[0]), round(left * w / self.tile[1])
             window = (..., slice(y, y + h), slice(x, x + w))
             if reduce == "mean":
-                out[window] += tiles[:, i]
-                count[window] += 1
+                weight = (rows[top][:, None] * cols[left][None, :]).to(maps)
+                out[window] += tiles[:, i] * weight
+                total[window] += weight
             else:
                 out[window] = torch.maximum(out[window], tiles[:, i])
-        return out / count if reduce == "mean" else out
+        return out / total if reduce == "mean" else out
+
+    def _starts(self, axis: int) -> list[int]:
+        return sorted({origin[axis] for origin in self.origins})
+
+
+def _fades(starts: list[int], tile: int, size: int) -> dict[int, torch.Tensor]:
+    """Per tile start, the weights of a tile's ``size`` map pixels along one axis: 1 inside, falling
+    linearly to 0 across each overlap with a neighbour (complementary, so two neighbours' weights sum
+    to 1 there), never below a small floor (every pixel keeps some weight)."""
+    centres = (torch.arange(size, dtype=torch.float64) + 0.5) * tile / size  # in image pixels
+    fades = {}
+    for i, start in enumerate(starts):
+        weight = torch.ones(size, dtype=torch.float64)
+        if i > 0:  # rises across [start, previous end)
+            weight = torch.minimum(weight, centres / (starts[i - 1] + tile - start))
+        if i + 1 < len(starts):  # falls across [next start, end)
+            weight = torch.minimum(weight, (tile - centres) / (start + tile - starts[i + 1]))
+        fades[start] = weight.clamp(min=1e-3)
+    return fades
 
 
 def whole_shape(height: int, width: int, scale: int | str, tile: Sequence[int]) -> Shape:

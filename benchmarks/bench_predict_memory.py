@@ -29,8 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def make_checkpoint(folder: Path, width: int, height: int, batch: int) -> Path:
-    """A checkpoint of the default model tiled at ``height`` x ``width``, threshold uncalibrated-free."""
+def make_checkpoint(folder: Path, width: int, height: int, batch: int) -> tuple[Path, int]:
+    """A checkpoint of the default model tiled at ``height`` x ``width`` (its NFA level 0, which needs
+    no calibration) and its tile count."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 

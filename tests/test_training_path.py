@@ -129,3 +129,32 @@ def test_anomalous_images_without_masks_do_not_calibrate_the_level(tmp_path):
             anomalous += significance[batch["label"] == 1].tolist()
     assert len(normal) == 2 and len(anomalous) == 3 and max(anomalous) > max(normal)  # the squares stand out
     assert float(module.threshold.calibrated_level) == pytest.approx(max(normal), rel=1e-5, abs=1e-4)
+
+
+@pytest.mark.parametrize("scales", [None, 1, 2])
+def test_the_image_score_is_the_maximum_of_the_coarsest_scales_map(scales, tmp_path):
+    from hydra.utils import instantiate
+
+    from tests.framework_helpers import TINY, compose_train
+    from uflow_exp.metrics import AnomalyMetrics
+
+    setting = f"model.image_score_scales={'null' if scales is None else scales}"
+    cfg = compose_train([*TINY, setting, "threshold.calibrate_on_normal=false"], tmp_path)
+    module = instantiate(cfg.model).eval()
+    images = torch.rand(4, 3, 64, 64)
+    with torch.no_grad():
+        out = module.predict_step({"image": images})
+        z, _ = module.model(images)
+    assert len(z) == 3  # resnet18's three levels, finest first
+    expected = module.model.anomaly_map(z if scales is None else z[-scales:], 64).flatten(1).amax(1)
+    assert torch.allclose(out["image_score"], expected)
+    assert torch.allclose(out["anomaly_map"], module.model.anomaly_map(z, 64))  # the map keeps every scale
+    if scales is not None:
+        assert not torch.allclose(out["image_score"], out["anomaly_map"].flatten(1).amax(1))
+    # and evaluation ranks images by it
+    metrics = AnomalyMetrics()
+    labels = torch.tensor([0, 1, 0, 1])
+    metrics.update(out["anomaly_map"], torch.zeros(4, 1, 64, 64, dtype=torch.bool), labels=labels,
+                   score_map=out["image_score"][:, None])  # fmt: skip
+    scores, _ = metrics.image_auroc.scores_and_labels()
+    assert torch.equal(scores, out["image_score"])

@@ -64,13 +64,15 @@ class AnomalyMetrics(nn.Module):
         *,
         labels: Tensor,
         has_mask: Tensor | None = None,
+        score_map: Tensor | None = None,
     ) -> None:
         with_segmentation = segmentation is not None
         if self._with_segmentation is None:
             self._with_segmentation = with_segmentation
         elif self._with_segmentation != with_segmentation:
             raise ValueError("segmentation must be given for every batch of a run or for none")
-        self.image_auroc.update(anomaly_map, labels)
+        # the image score: the maximum of score_map (e.g. the coarse scales' map), else of the map
+        self.image_auroc.update(anomaly_map if score_map is None else score_map, labels)
         if segmentation is not None:
             detected = segmentation.flatten(1).any(dim=1).long()
             self.detection.update(detected, labels.to(detected.device).long())

@@ -1,8 +1,10 @@
 """Predict with a trained checkpoint on any images: overlays, masks, raw maps and a CSV of scores.
 
 Images take the training data path (``AnomalyDataset``: ``read_image``, resize; the model
-normalises) and the module's ``predict_step``. The CSV's score, decision and area are computed on
-the model's ``eval_size`` maps, as in evaluation; the files are resized back to each image's H x W.
+normalises) and the module's ``predict_step``. The CSV's score (the image score evaluation ranks
+images by: the maximum of the map of the ``model.image_score_scales`` coarsest scales, or of the whole
+map), decision and area are computed on the model's maps, as in evaluation; the files are resized back
+to each image's H x W.
 """
 
 from __future__ import annotations
@@ -155,7 +157,7 @@ class _Writer:
     threshold: float | None  # calibrated modes: the map value the colour bar marks
 
     def __call__(self, path: Path, name: Path, sample: dict[str, torch.Tensor]) -> list[str]:
-        """``sample``: one image's ``predict_step`` outputs, each (1, S, S)."""
+        """``sample``: one image's ``predict_step`` outputs: maps (1, h, w), ``image_score`` a scalar."""
         amap, segmentation, significance = (
             sample["anomaly_map"],
             sample["segmentation"],
@@ -180,7 +182,7 @@ class _Writer:
         anomalous = bool(segmentation.any())  # for NFA modes: max -log10 NFA > its threshold
         return [
             str(path),
-            f"{float(full_map.max()):.6f}",  # the saved map's maximum, at the image's resolution
+            f"{float(sample['image_score']):.6f}",  # the image score, as evaluation ranks images
             "anomalous" if anomalous else "normal",
             f"{float(significance.max()):.4f}" if self.nfa else "",
             f"{float(segmentation.float().mean()):.6f}",

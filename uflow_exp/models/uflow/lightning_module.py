@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import hydra
 import lightning as L
@@ -29,6 +29,17 @@ def _plain(value: Any) -> Any:
     )
 
 
+class Maps(NamedTuple):
+    """What the model makes of a batch: the anomaly map, the significance the threshold decides on,
+    the NLL loss and the map the image score is the maximum of (None: the anomaly map), each None
+    when not asked for."""
+
+    anomaly_map: torch.Tensor
+    significance: torch.Tensor | None
+    loss: torch.Tensor | None
+    score_map: torch.Tensor | None
+
+
 class UFlowModule(L.LightningModule):
     """Trains the flow by NLL; validates on held-out normal images (``val/loss``) and, when the
     validation set holds anomalies, with the test metrics; tests with the threshold mode.
@@ -50,6 +61,9 @@ class UFlowModule(L.LightningModule):
         tiling: None, or the data's ``{scale, overlap, shape, batch}`` (``uflow_exp.tiling``): whole
             images of ``shape`` are cut into tiles of the backbone's input size, ``batch`` tiles at
             a time go through the model, and the tile maps are blended into each image's map.
+        image_score_scales: an image's anomaly score is the maximum of the anomaly map of its
+            ``image_score_scales`` coarsest latent scales (None: of the whole map, the method's); the
+            pixel map keeps every scale.
         metric_bins: score bins of the pixel metrics (memory stays bounded; see uflow_exp.metrics).
     """
 
@@ -62,6 +76,7 @@ class UFlowModule(L.LightningModule):
         scheduler: dict | None = None,
         eval_size: int | list[int] | None = None,
         tiling: dict | None = None,
+        image_score_scales: int | None = None,
         metric_bins: int = 10_000,
     ) -> None:
         super().__init__()
@@ -74,6 +89,7 @@ class UFlowModule(L.LightningModule):
                 "scheduler": _plain(scheduler),
                 "eval_size": _plain(eval_size),
                 "tiling": _plain(tiling) or None,
+                "image_score_scales": image_score_scales,
                 "metric_bins": metric_bins,
             },
             # the task logs the whole run config, nested; Lightning would flatten these beside it
@@ -86,6 +102,11 @@ class UFlowModule(L.LightningModule):
         self.eval_size = as_shape(eval_size or hp.backbone["input_size"], "model.eval_size")
         self.tiler = tiler_of(hp.tiling, self.model.input_shape)
         self.tile_batch = int((hp.tiling or {}).get("batch", 16))
+        if image_score_scales is not None and image_score_scales < 1:
+            raise ValueError(
+                f"model.image_score_scales must be a number of scales >= 1 or null, got {image_score_scales}"
+            )
+        self.image_score_scales = image_score_scales
         self.val_metrics = AnomalyMetrics(n_bins=metric_bins)
         self.test_metrics = AnomalyMetrics(n_bins=metric_bins)
         self._val_anomalous = 0
@@ -197,14 +218,11 @@ class UFlowModule(L.LightningModule):
             )
         return mask.bool()
 
-    def _maps(
-        self, batch: dict, loss: bool = False, significance: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Anomaly map, significance (what the threshold decides on; if asked) and NLL loss (if
-        asked) of a batch of images at ``image_shape``, or of their cached ``features``. Under tiling
-        each image's tiles go through the model ``tile_batch`` at a time, the significance counting
-        every tile of the image as tests, and the tile maps are blended (anomaly map: mean where
-        tiles overlap; significance: maximum)."""
+    def _maps(self, batch: dict, loss: bool = False, significance: bool = True) -> Maps:
+        """`Maps` of a batch of images at ``image_shape``, or of their cached ``features``: the
+        significance and the loss only if asked. Under tiling each image's tiles go through the model
+        ``tile_batch`` at a time, the significance counting every tile of the image as tests, and the
+        tile maps are blended (maps: faded across overlaps; significance: the maximum)."""
         if self.tiler is None:
             return self._tile_maps(batch, loss, significance, tests=1)
         if "features" in batch:  # (B, tiles, C, h, w) per scale, as the tiled feature cache stores them
@@ -216,16 +234,23 @@ class UFlowModule(L.LightningModule):
         else:
             chunks = [{"image": part} for part in self.tiler.cut(batch["image"]).split(self.tile_batch)]
         parts = [self._tile_maps(chunk, loss, significance, tests=len(self.tiler)) for chunk in chunks]
-        amap = self.tiler.blend(torch.cat([part[0] for part in parts]), "mean")
-        signif = self.tiler.blend(torch.cat([part[1] for part in parts]), "max") if significance else None
-        if not loss:
-            return amap, signif, None
-        sizes = torch.tensor([len(part[0]) for part in parts], device=amap.device, dtype=torch.float32)
-        return amap, signif, (torch.stack([part[2] for part in parts]) * sizes).sum() / sizes.sum()
 
-    def _tile_maps(
-        self, batch: dict, loss: bool, significance: bool, tests: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        def blended(field: str, reduce: str = "mean") -> torch.Tensor:
+            return self.tiler.blend(torch.cat([getattr(part, field) for part in parts]), reduce)
+
+        amap = blended("anomaly_map")
+        nll = None
+        if loss:
+            sizes = torch.tensor([len(part.anomaly_map) for part in parts], device=amap.device)
+            nll = (torch.stack([part.loss for part in parts]) * sizes).sum() / sizes.sum()
+        return Maps(
+            amap,
+            blended("significance", "max") if significance else None,
+            nll,
+            None if parts[0].score_map is None else blended("score_map"),
+        )
+
+    def _tile_maps(self, batch: dict, loss: bool, significance: bool, tests: int) -> Maps:
         """`_maps` of images (or features) the model takes as they are: the backbone's input size."""
         if self.inference is not None:
             amap, z = self.inference(batch["image"])
@@ -234,7 +259,13 @@ class UFlowModule(L.LightningModule):
             z, log_jac_det = self._latents(batch, jac=loss)  # maps and thresholds need only the latents
             amap = self.model.anomaly_map(z, self.eval_size)
             nll = nll_loss(z, log_jac_det) if loss else None
-        return amap, self.threshold.significance_map(z, amap, tests) if significance else None, nll
+        k = self.image_score_scales
+        return Maps(
+            amap,
+            self.threshold.significance_map(z, amap, tests) if significance else None,
+            nll,
+            None if k is None or k >= len(z) else self.model.anomaly_map(z[-k:], self.eval_size),
+        )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = nll_loss(*self._latents(batch, generator=self._noise_generator()))
@@ -253,7 +284,7 @@ class UFlowModule(L.LightningModule):
         self._val_anomalous = 0
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        amap, significance, loss = self._maps(batch, loss=True, significance=self._calibrating())
+        amap, significance, loss, score_map = self._maps(batch, loss=True, significance=self._calibrating())
         self.log(
             "val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(batch["label"])
         )
@@ -264,7 +295,9 @@ class UFlowModule(L.LightningModule):
             known = (batch["has_mask"].bool() | (batch["label"] == 0)).to(amap.device)
             with self.trainer.profiler.profile("threshold_calibration"):  # a no-op unless profiling
                 self.threshold.calibration_update(significance[known], amap[known], mask[known])
-        self.val_metrics.update(amap, mask, labels=batch["label"], has_mask=batch["has_mask"])
+        self.val_metrics.update(
+            amap, mask, labels=batch["label"], has_mask=batch["has_mask"], score_map=score_map
+        )
         self._val_anomalous += int(batch["label"].sum())
 
     def _calibrating(self) -> bool:
@@ -284,12 +317,14 @@ class UFlowModule(L.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int = 0) -> dict[str, torch.Tensor]:
         """Anomaly map, segmentation and the map it thresholds, at ``map_shape``."""
-        amap, significance, _ = self._maps(batch)
-        segmentation = self.threshold.decide(significance, amap)
+        maps = self._maps(batch)
+        segmentation = self.threshold.decide(maps.significance, maps.anomaly_map)
+        score_map = maps.anomaly_map if maps.score_map is None else maps.score_map
         return {
-            "anomaly_map": amap,
+            "anomaly_map": maps.anomaly_map,
             "segmentation": segmentation.mask,
             "significance": segmentation.significance,
+            "image_score": score_map.flatten(1).amax(1),
         }
 
     def test_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
@@ -301,6 +336,7 @@ class UFlowModule(L.LightningModule):
             outputs["segmentation"],
             labels=batch["label"],
             has_mask=batch["has_mask"],
+            score_map=outputs["image_score"][:, None],
         )
         return outputs
 

@@ -31,6 +31,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import hydra
@@ -105,6 +106,35 @@ def compose_run(overrides: list[str]):
         return compose("train", overrides=overrides)
 
 
+def memory_bank(extractor, images: Iterable[torch.Tensor], coreset_ratio: float, seed: int) -> torch.Tensor:
+    """Every patch feature of the batches of ``images``, or a seeded greedy coreset of
+    ``coreset_ratio`` of them (on a random projection, as PatchCore does)."""
+    with torch.inference_mode():
+        bank = torch.cat([patch_features(extractor, x).permute(0, 2, 3, 1).flatten(0, 2) for x in images])
+        if coreset_ratio < 1:
+            generator = torch.Generator().manual_seed(seed)
+            projection = torch.randn(bank.shape[1], PROJECTION_DIMS, generator=generator) / math.sqrt(
+                PROJECTION_DIMS
+            )
+            k = max(1, round(coreset_ratio * len(bank)))
+            bank = bank[greedy_coreset(bank @ projection, k, generator)]
+    return bank
+
+
+def scored(maps: list[torch.Tensor], batches: list[dict]) -> dict[str, float]:
+    """The project's test metrics of the baseline's maps, scaled together to [0, 1]."""
+    low, high = min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)
+    metrics = AnomalyMetrics()
+    for amap, batch in zip(maps, batches, strict=True):
+        metrics.update(
+            (amap - low) / max(high - low, 1e-12),
+            batch["mask"].bool(),
+            labels=batch["label"],
+            has_mask=batch["has_mask"],
+        )
+    return {f"test/{name}": value for name, value in metrics.compute().items()}
+
+
 def run(overrides: list[str], seed: int, coreset_ratio: float = 1.0) -> dict[str, float]:
     cfg = compose_run(overrides)
     backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
@@ -132,20 +162,8 @@ def run(overrides: list[str], seed: int, coreset_ratio: float = 1.0) -> dict[str
 
     start = time.perf_counter()
     normal = [r for dataset in datamodule.fit_datasets() for r in dataset.records if not r.label]
-    with torch.inference_mode():
-        bank = torch.cat(
-            [
-                patch_features(extractor, inputs(batch)).permute(0, 2, 3, 1).flatten(0, 2)
-                for batch in datamodule.image_loader(normal)
-            ]
-        )
-        if coreset_ratio < 1:
-            generator = torch.Generator().manual_seed(seed)
-            projection = torch.randn(bank.shape[1], PROJECTION_DIMS, generator=generator) / math.sqrt(
-                PROJECTION_DIMS
-            )
-            k = max(1, round(coreset_ratio * len(bank)))
-            bank = bank[greedy_coreset(bank @ projection, k, generator)]
+    images = (inputs(batch) for batch in datamodule.image_loader(normal))
+    bank = memory_bank(extractor, images, coreset_ratio, seed)
     fit_s = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -155,25 +173,13 @@ def run(overrides: list[str], seed: int, coreset_ratio: float = 1.0) -> dict[str
             features = patch_features(extractor, inputs(batch))
             b, _, h, w = features.shape
             scores = nearest_distances(features.permute(0, 2, 3, 1).flatten(0, 2), bank).view(b, 1, h, w)
-            if tiler is None:
-                scores = F.interpolate(scores, size=eval_size, mode="bilinear", align_corners=False)
-            else:
-                scores = tiler.blend(
-                    F.interpolate(scores, size=tile_map, mode="bilinear", align_corners=False)
-                )
+            size = eval_size if tiler is None else tile_map
+            scores = F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
+            scores = scores if tiler is None else tiler.blend(scores)
             maps.append(gaussian_blur(scores, kernel_size=2 * math.ceil(4 * SIGMA) + 1, sigma=SIGMA))
             batches.append({k: batch[k] for k in ("mask", "label", "has_mask")})
-    low, high = min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)
-    metrics = AnomalyMetrics()
-    for amap, batch in zip(maps, batches, strict=True):
-        metrics.update(
-            (amap - low) / max(high - low, 1e-12),
-            batch["mask"].bool(),
-            labels=batch["label"],
-            has_mask=batch["has_mask"],
-        )
+    result = scored(maps, batches)
     test_s = time.perf_counter() - start
-    result = {f"test/{name}": value for name, value in metrics.compute().items()}
     return result | {
         "time/fit_s": fit_s,
         "time/test_images_per_s": len(datamodule.test_dataset) / test_s,

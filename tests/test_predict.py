@@ -32,7 +32,7 @@ def _train(tmp: Path, threshold: str, *extra: str) -> Path:
         f"dataset.root={root}",
         f"threshold={threshold}",
         "test=false",
-        # the score is then the map's maximum, which the saved maps let these tests check
+        # the score is then the map's maximum, which the saved maps let these tests bound
         "model.image_score_scales=null",
         *extra,
     ]
@@ -96,7 +96,9 @@ def test_outputs_at_original_resolution_and_bad_file_counted(checkpoint, inputs,
 
         raw = np.load(out / "maps" / f"{name}.npy")
         assert raw.shape == (h, w) and raw.dtype == np.float32
-        assert 0.0 <= raw.min() and raw.max() == pytest.approx(score, abs=1e-6)  # score: the saved map's max
+        # score: the model map's maximum (image_score_scales=null); the saved map is that map resized
+        # bilinearly (convex weights), so its maximum can only be lower, and by little
+        assert 0.0 <= raw.min() and score - 0.05 < raw.max() <= score + 1e-6
         mask = np.asarray(Image.open(out / "masks" / f"{name}.png"))
         assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, 255}
         assert mask.any() == (row["decision"] == "anomalous")
@@ -127,7 +129,7 @@ def test_png16_maps_and_no_nfa_column_for_a_calibrated_threshold(inputs, tmp_pat
     raw = Image.open(out / "maps" / "grey.png")
     assert raw.mode.startswith("I") and raw.size == GOOD["grey.png"]
     score = float(next(r for r in rows if r["path"].endswith("grey.png"))["score"])
-    assert np.asarray(raw).max() / 65535 == pytest.approx(score, abs=1e-5)
+    assert score - 0.05 < np.asarray(raw).max() / 65535 <= score + 1e-5
 
 
 def test_colliding_names_keep_apart(checkpoint, inputs, tmp_path):

@@ -104,7 +104,8 @@ def test_accuracy_benchmark_prints_a_row_per_case_and_threshold(tmp_path):
     )  # fmt: skip
     assert (tmp_path / "brick" / "run_seed42" / "metrics.json").stat().st_mtime_ns == trained
     assert [r for r in table_rows(again, "brick |") if len(r) == 13][0] == versus[0]
-    (rate,) = table_rows(again, "brick | nfa_tree@0.1 |")
+    printed, rate = table_rows(again, "brick | nfa_tree@0.1 |")  # as it runs, then in the table
+    assert printed == rate
     (ckpt,) = (tmp_path / "brick" / "run_seed42" / "checkpoints").glob("epoch_*.ckpt")
     n = UFlowModule.from_checkpoint(str(ckpt)).threshold.normal_scores.numel()
     assert 0 < n < 9 and float(rate[8]) == pytest.approx(1 / (n + 1), abs=0.001)  # too few for 0.1
@@ -177,7 +178,8 @@ def test_peak_rss_is_the_commands_own_not_the_benchmarks(bench_peers):
 
 
 def test_map_variants_start_from_what_the_run_tested(tmp_path):
-    """bench_maps on a trained run: its `mean p` row (the method's map and image score) is the run's
+    """bench_maps on a trained run: its `mean p` row (the method's map) and its `mean p, scales 2-3` row
+    (the map the default image score, `model.image_score_scales: 2`, is the maximum of) are the run's
     own test result, from the same best checkpoint; the other variants are other maps of it."""
     import json
 
@@ -193,12 +195,18 @@ def test_map_variants_start_from_what_the_run_tested(tmp_path):
     )
     tested = json.loads((tmp_path / "run" / "metrics.json").read_text())
     out = run(sys.executable, "benchmarks/bench_maps.py", str(tmp_path / "run"))
-    rows = {row[0]: [float(cell) for cell in row[1:]] for row in table_rows(out, "") if row[0][0].isalnum()}
-    assert len(rows) == 2 + 3 + 4  # mean p, product p, one per latent scale (3: resnet18), blurs
+    rows = {
+        r[0]: [float(c) for c in r[1:]]
+        for r in table_rows(out, "")
+        if r[0][0].isalnum() and r[0] != "variant"
+    }
+    assert (
+        len(rows) == 2 + 3 + 1 + 4
+    )  # mean p, product p, one per latent scale (3: resnet18), scales 2-3, blurs
     mean_p = rows["mean p"]
     assert mean_p[0] == pytest.approx(tested["test/pixel_auroc"], abs=1e-3)
     assert mean_p[1] == pytest.approx(tested["test/pixel_aupro"], abs=1e-3)
-    assert mean_p[2] == pytest.approx(tested["test/image_auroc"], abs=1e-3)
+    assert rows["mean p, scales 2-3"][2] == pytest.approx(tested["test/image_auroc"], abs=1e-3)
     assert rows["product p + blur 4"] != mean_p and all(0 <= v <= 1 for r in rows.values() for v in r)
 
 

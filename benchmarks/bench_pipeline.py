@@ -121,7 +121,7 @@ def segment(model, raw, nfa: bool, bf16: bool = False, flow=None) -> list[torch.
             z, _ = flow(model.normalize(features), jac=False)
             maps.append(model.anomaly_map(z).float())
             if nfa:
-                tree_nfa([t.float() for t in z], model.input_size)
+                tree_nfa([t.float() for t in z], model.input_shape)
     return maps
 
 
@@ -134,7 +134,7 @@ def onnx_images_per_s(model: UFlow, x: torch.Tensor, batch: int) -> float:
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
-        _export_onnx_graph(AnomalyMapNet(model.eval(), model.input_size).eval(), x[:batch].cpu(), path, 17)
+        _export_onnx_graph(AnomalyMapNet(model.eval(), model.input_shape).eval(), x[:batch].cpu(), path, 17)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -281,11 +281,11 @@ def data_path_point(model, n: int, side: int, device: torch.device) -> dict:
             Image.fromarray(noise.to(torch.uint8).numpy()).save(path)
             records.append(Record(path, None, 0))
         cache = FeatureCache(MemoryStore())
-        decoding = AnomalyDataset(records, model.input_size)
+        decoding = AnomalyDataset(records, model.input_shape)
         cache.fill(
             ((b["path"], b["image"].to(device)) for b in DataLoader(decoding, batch_size=4)), model.extract
         )
-        served = AnomalyDataset(records, model.input_size, features=cache)
+        served = AnomalyDataset(records, model.input_shape, features=cache)
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
         def decoded_epoch() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from collections.abc import Callable
@@ -260,12 +261,23 @@ class UFlowModule(L.LightningModule):
             amap = self.model.anomaly_map(z, self.eval_size)
             nll = nll_loss(z, log_jac_det) if loss else None
         k = self.image_score_scales
+        signif = None
+        if significance:
+            with self._profiled("threshold_calibration"):
+                signif = self.threshold.significance_map(z, amap, tests)
         return Maps(
             amap,
-            self.threshold.significance_map(z, amap, tests) if significance else None,
+            signif,
             nll,
             None if k is None or k >= len(z) else self.model.anomaly_map(z[-k:], self.eval_size),
         )
+
+    def _profiled(self, action: str):
+        """The trainer's profiler around a validation-time ``action`` (a no-op unless profiling, and
+        outside validation: the test's and prediction's significance is not calibration)."""
+        if self._trainer is None or not self.trainer.validating:
+            return contextlib.nullcontext()
+        return self.trainer.profiler.profile(action)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = nll_loss(*self._latents(batch, generator=self._noise_generator()))
@@ -293,7 +305,7 @@ class UFlowModule(L.LightningModule):
             # only images whose pixels are known: an anomalous image labelled without a mask has an
             # empty mask, and would calibrate as a normal one (val_split=test with image labels)
             known = (batch["has_mask"].bool() | (batch["label"] == 0)).to(amap.device)
-            with self.trainer.profiler.profile("threshold_calibration"):  # a no-op unless profiling
+            with self._profiled("threshold_calibration"):
                 self.threshold.calibration_update(significance[known], amap[known], mask[known])
         self.val_metrics.update(
             amap, mask, labels=batch["label"], has_mask=batch["has_mask"], score_map=score_map

@@ -181,7 +181,9 @@ def test_a_limited_run_caches_exactly_the_training_images_its_epochs_read(tmp_pa
         return fill(self, ((keys, images) for keys, images in batches if not stored.extend(keys)), extract)
 
     monkeypatch.setattr(FeatureCache, "fill", recording_fill)
-    monkeypatch.setattr(FeatureCache, "read", lambda self, key: read.append(key) or lookup(self, key))
+    monkeypatch.setattr(
+        FeatureCache, "read", lambda self, key, tile=None: read.append(key) or lookup(self, key, tile)
+    )
     overrides = [*TINY, "dataset=mvtec", f"dataset.root={root}", "dataset.batch_size=2", "test=false"]
     overrides += ["trainer.max_epochs=3", f"trainer.limit_train_batches={limit}", "feature_cache=memory"]
     train(compose_train(overrides, tmp_path / "run"))

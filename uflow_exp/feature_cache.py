@@ -151,9 +151,10 @@ class MemoryStore:
         for row, key in enumerate(keys):
             self._rows[key] = [scale[row].to(self.dtype) for scale in scales]
 
-    def read(self, keys: Sequence[str]) -> list[torch.Tensor]:
+    def read(self, keys: Sequence[str], tile: int | None = None) -> list[torch.Tensor]:
         n_scales = len(self._rows[keys[0]])
-        return [torch.stack([self._rows[key][s] for key in keys]) for s in range(n_scales)]
+        pick = slice(None) if tile is None else tile
+        return [torch.stack([self._rows[key][s][pick] for key in keys]) for s in range(n_scales)]
 
 
 class DiskStore:
@@ -253,9 +254,10 @@ class DiskStore:
         self._filled[rows] = 1  # only now: a crash before this line leaves the rows to recompute
         self._filled.flush()
 
-    def read(self, keys: Sequence[str]) -> list[torch.Tensor]:
+    def read(self, keys: Sequence[str], tile: int | None = None) -> list[torch.Tensor]:
         rows = self._rows(keys)
-        return [torch.from_numpy(np.asarray(array[rows])) for array in self._scales]
+        pick = slice(None) if tile is None else tile  # one tile's slice is all that is read
+        return [torch.from_numpy(np.asarray(array[rows, pick])) for array in self._scales]
 
 
 def _write_layout(folder: Path, meta: dict, paths: Sequence[str]) -> None:
@@ -320,15 +322,16 @@ class FeatureCache:
             count += len(keys)
         return count
 
-    def read(self, key: str) -> list[torch.Tensor]:
-        """The stored features of one image, (C, ...) per scale, on the CPU."""
+    def read(self, key: str, tile: int | None = None) -> list[torch.Tensor]:
+        """The stored features of one image, (C, ...) per scale, on the CPU; under tiling (rows of
+        (tiles, C, ...)) only tile ``tile`` when given, so a tile sample copies its own slice."""
         key = os.path.abspath(key)
         if self.store.missing([key]):
             raise FeatureCacheError(
                 f"image {key} has no features in the cache: it was not among the images the cache "
                 "was filled with before training (the data changed after the fit started?)"
             )
-        return [scale[0].float() for scale in self.store.read([key])]
+        return [scale[0].float() for scale in self.store.read([key], tile)]
 
     def _check_range(self, features: Sequence[torch.Tensor]) -> None:
         dtype = self.store.dtype

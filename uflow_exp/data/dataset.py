@@ -21,7 +21,7 @@ from uflow_exp.utils.shapes import as_shape
 class FeatureLookup(Protocol):
     """Stored backbone features of an image file (``uflow_exp.feature_cache.FeatureCache``)."""
 
-    def read(self, key: str) -> list[torch.Tensor]: ...
+    def read(self, key: str, tile: int | None = None) -> list[torch.Tensor]: ...
 
 
 class AnomalyDataset(Dataset):
@@ -63,36 +63,30 @@ class AnomalyDataset(Dataset):
         return self.records[index // self._per_image]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
-        sample = self._whole(self.record_of(index))
-        if self.tiles is None:
-            return sample
-        tile = index % self._per_image
-        del sample["mask"]  # training, the one reader of tiles, reads no mask
-        if "features" in sample:
-            sample["features"] = [scale[tile] for scale in sample["features"]]
-        else:
-            sample["image"] = self.tiles.crop(sample["image"], tile)
-        return sample
-
-    def _whole(self, record: Record) -> dict[str, torch.Tensor | str]:
-        if record.mask is None:
-            mask = torch.zeros(1, *self.eval_size, dtype=torch.bool)
-        else:
-            full = torch.from_numpy(read_mask(record.mask)).float()[None, None]
-            # Once, from the file's resolution: area averaging then >= 0.5 keeps a thin defect's
-            # share of each output pixel honest.
-            mask = F.interpolate(full, self.eval_size, mode="area")[0] >= 0.5
+        record = self.record_of(index)
+        tile = None if self.tiles is None else index % self._per_image
         sample = {
-            "mask": mask,
             "label": torch.tensor(record.label, dtype=torch.int64),
             "has_mask": torch.tensor(record.mask is not None or record.label == 0),
             "path": str(record.image),
         }
+        if tile is None:  # training, the one reader of tiles, reads no mask
+            sample["mask"] = self._mask(record)
         if self.features is not None:
-            sample["features"] = self.features.read(str(record.image))
+            sample["features"] = self.features.read(str(record.image), tile)
         else:
-            sample["image"] = self.load_image(record)
+            image = self.load_image(record)
+            sample["image"] = image if tile is None else self.tiles.crop(image, tile)
         return sample
+
+    def _mask(self, record: Record) -> torch.Tensor:
+        """The record's mask at ``eval_size`` (all False without a mask file)."""
+        if record.mask is None:
+            return torch.zeros(1, *self.eval_size, dtype=torch.bool)
+        full = torch.from_numpy(read_mask(record.mask)).float()[None, None]
+        # Once, from the file's resolution: area averaging then >= 0.5 keeps a thin defect's
+        # share of each output pixel honest.
+        return F.interpolate(full, self.eval_size, mode="area")[0] >= 0.5
 
     def load_image(self, record: Record) -> torch.Tensor:
         """The record's image as (3, *image_size) float32 RGB in [0, 1]."""

@@ -71,8 +71,8 @@ def _export_onnx_graph(net: AnomalyMapNet, example: torch.Tensor, output: Path, 
 
 
 def _tiling_metadata(module: UFlowModule) -> dict[str, str]:
-    """How a tiled model's graph is run: on each tile of the whole image, maps averaged where tiles
-    overlap (what ``predict`` and ``backend=onnxruntime`` do)."""
+    """How a tiled model's graph is run: on each tile of the whole image, the tile maps blended where
+    tiles overlap (``Tiler.blend``: what ``predict`` and ``backend=onnxruntime`` do)."""
     if module.tiler is None:
         return {}
     tiler = module.tiler
@@ -81,7 +81,7 @@ def _tiling_metadata(module: UFlowModule) -> dict[str, str]:
             {
                 "image_size": list(tiler.shape),
                 "tile_origins": [list(origin) for origin in tiler.origins],
-                "maps": "one graph call per tile at input_size; the whole map averages overlapping tiles",
+                "maps": "one graph call per tile at input_size; overlapping tile maps fade linearly",
             }
         )
     }

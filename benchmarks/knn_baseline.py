@@ -140,7 +140,7 @@ def run(overrides: list[str], seed: int, coreset_ratio: float = 1.0) -> dict[str
     backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
     datamodule = hydra.utils.instantiate(cfg.dataset)
     datamodule.prepare_data()
-    # the images and maps U-Flow's run sees: a square, or the data's rectangle (dataset.resize=keep_aspect)
+    # the images and maps U-Flow's run sees: a square, or the data's rectangle (resize keep_aspect or auto)
     input_shape, eval_size = datamodule.image_shape()
     datamodule.setup("fit")
     # under dataset.tiling, as U-Flow does: the memory bank from every tile, each test tile's map

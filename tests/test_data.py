@@ -105,6 +105,7 @@ def test_mvtec_counts_labels_samples_and_loaders(tmp_path):
     root = make_mvtec(tmp_path / "mvtec", n_train=10, n_test_good=3, n_test_defect=2, size=32)
     dm = ready("mvtec", root=str(root), category="bottle", batch_size=3, eval_batch_size=3, num_workers=2)
     assert (len(dm.train_dataset), len(dm.val_dataset), len(dm.test_dataset)) == (8, 2, 5)
+    assert dm.resize == "square"  # resize=auto on square images
     assert labels(dm.train_dataset) == [0] * 8 and labels(dm.val_dataset) == [0, 0]
     assert labels(dm.test_dataset) == [0, 0, 0, 1, 1]
     # validation holds out train images: disjoint, together the whole train folder
@@ -131,7 +132,7 @@ def test_mvtec_counts_labels_samples_and_loaders(tmp_path):
     assert test_batch["path"] == [str(r.image) for r in dm.test_dataset.records[:3]]  # not shuffled
 
 
-def test_keep_aspect_yields_the_datas_rectangle_and_refuses_another_shape(tmp_path):
+def test_keep_aspect_yields_the_datas_rectangle_and_refuses_another_shape(tmp_path, caplog):
     root = make_mvtec(tmp_path / "mvtec", n_train=6, size=(32, 80))  # height 32, width 80
     dm = ready("mvtec", root=str(root), category="bottle", resize="keep_aspect", image_size=64, eval_size=32)
     # shorter side 64 (masks 32), longer side 64 * 80 / 32 = 160, a multiple of 32
@@ -141,9 +142,12 @@ def test_keep_aspect_yields_the_datas_rectangle_and_refuses_another_shape(tmp_pa
     mask = torch.zeros(1, 1, 32, 80)
     mask[(0, 0, *DEFECT)] = 1
     assert torch.equal(sample["mask"], mask[0] >= 0.5)  # the defect where it is, not squashed
-    # the square resize (default) of the same images
-    square = ready("mvtec", root=str(root), category="bottle", image_size=64)
+    # the square resize of the same images
+    square = ready("mvtec", root=str(root), category="bottle", resize="square", image_size=64)
     assert square.test_dataset[3]["image"].shape == (3, 64, 64)
+    # the default, auto, keeps the aspect of images of one shape, and says it chose keep_aspect
+    auto = ready("mvtec", root=str(root), category="bottle", image_size=64, eval_size=32)
+    assert auto.resize == "keep_aspect" and auto.image_shape() == ((64, 160), (32, 80))
     # an explicit rectangle is taken as given
     explicit = ready("mvtec", root=str(root), category="bottle", image_size=[32, 96], eval_size=[32, 96])
     assert explicit.test_dataset[3]["image"].shape == (3, 32, 96)
@@ -151,6 +155,11 @@ def test_keep_aspect_yields_the_datas_rectangle_and_refuses_another_shape(tmp_pa
     odd = save(noise_image(99, 40, 40), root / "bottle" / "test" / "good" / "square.png")
     with pytest.raises(DatasetError, match=rf"keep_aspect: {odd} is 40 x 40 pixels.*resize=square"):
         ready("mvtec", root=str(root), category="bottle", resize="keep_aspect", image_size=64)
+    # auto does not refuse mixed shapes: it takes the square and names the image that decided it
+    with caplog.at_level(logging.INFO, logger="uflow_exp.data.datamodule"):
+        mixed = ready("mvtec", root=str(root), category="bottle", image_size=64)
+    assert mixed.resize == "square" and mixed.test_dataset[0]["image"].shape == (3, 64, 64)
+    assert f"resize=auto: square, the images' aspect ratios differ ({odd} is 40 x 40" in caplog.text
     with pytest.raises(DatasetError, match="resize must be one of"):
         AnomalyDataModule("mvtec", root=str(root), category="bottle", resize="stretch")
 
@@ -215,7 +224,8 @@ def test_lgg_on_the_real_sample_slices():
 def test_stc_decodes_videos_with_stride_once_and_reads_npy_labels(tmp_path, monkeypatch):
     root = make_stc(tmp_path / "stc", n_train_videos=2, n_train_frames=7, n_test_videos=2, n_test_frames=4)
     cache = tmp_path / "cache"
-    dm = ready("stc", root=str(root), cache_dir=str(cache), frame_stride=3, val_split="test")
+    # square: the masks below are the frame's (48 x 32) squashed to 64 x 64
+    dm = ready("stc", root=str(root), cache_dir=str(cache), frame_stride=3, val_split="test", resize="square")
     names = [f"{r.image.parent.name}/{r.image.name}" for r in dm.train_dataset.records]
     assert names == [f"01_{v:03d}/{f:06d}.jpg" for v in (1, 2) for f in (0, 3, 6)]
     assert all(r.image.is_relative_to(cache) for r in dm.train_dataset.records)

@@ -61,7 +61,7 @@ def test_position_encoding_of_a_rectangle_codes_rows_and_columns_by_their_own_le
     assert torch.allclose(enc[4:, 0, 3], position_encoding(8, 8)[4:, 0, 3])
 
 
-def test_a_keep_aspect_run_trains_evaluates_predicts_and_exports_its_rectangle(tmp_path):
+def test_a_run_on_wide_images_keeps_their_aspect_and_evaluates_predicts_and_exports_it(tmp_path):
     import numpy as np
     from omegaconf import OmegaConf
 
@@ -74,10 +74,11 @@ def test_a_keep_aspect_run_trains_evaluates_predicts_and_exports_its_rectangle(t
 
     root = fake_layouts.make_mvtec(tmp_path / "data", n_train=6, size=(32, 80))  # wide images
     data = ["dataset=mvtec", f"dataset.root={root}", "dataset.num_workers=0"]
-    trained = train(compose_train([*TINY, *data, "dataset.resize=keep_aspect"], tmp_path / "run"))
+    trained = train(compose_train([*TINY, *data], tmp_path / "run"))  # resize=auto: images of one shape
     # TINY's 64 px: the shorter side 64, the longer 64 * 80 / 32 = 160; recorded for every later command
     saved = OmegaConf.load(tmp_path / "run" / "config_resolved.yaml")
     assert list(saved.backbone.input_size) == [64, 160] and list(saved.model.eval_size) == [64, 160]
+    assert saved.dataset.resize == "keep_aspect"  # the mode auto chose
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     module = UFlowModule.from_checkpoint(str(ckpt))
     assert module.model.input_shape == (64, 160) and module.eval_size == (64, 160)
@@ -102,3 +103,22 @@ def test_a_keep_aspect_run_trains_evaluates_predicts_and_exports_its_rectangle(t
     metadata = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert metadata["input_size"] == "64x160" and metadata["eval_size"] == "64x160"
     assert onnx_max_abs_difference(module, path) < 1e-4
+
+
+def test_a_square_checkpoint_is_evaluated_square_on_images_auto_would_keep_the_aspect_of(tmp_path):
+    from omegaconf import OmegaConf
+
+    from tests import fake_layouts
+    from tests.framework_helpers import TINY, compose_train
+    from uflow_exp.tasks.evaluate import evaluate
+    from uflow_exp.tasks.train import train
+
+    root = fake_layouts.make_mvtec(tmp_path / "data", n_train=6, size=(32, 80))
+    data = ["dataset=mvtec", f"dataset.root={root}", "dataset.num_workers=0"]
+    trained = train(compose_train([*TINY, *data, "dataset.resize=square"], tmp_path / "run"))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    # the data set's default (auto) would choose a 64 x 160 rectangle; the model was built for 64 x 64
+    cfg = compose_train([*data, "logger=csv", "trainer=cpu", f"ckpt_path={ckpt}"], tmp_path / "eval", "eval")
+    evaluated = evaluate(cfg)
+    assert evaluated["test/pixel_auroc"] == pytest.approx(trained["test/pixel_auroc"], rel=1e-6)
+    assert OmegaConf.load(tmp_path / "eval" / "config_resolved.yaml").dataset.resize == "square"

@@ -21,9 +21,9 @@ from uflow_exp.utils.shapes import Shape, as_shape, keep_aspect, shape_text
 log = logging.getLogger(__name__)
 
 VAL_SPLITS = ("train", "test")
-RESIZE_MODES = ("square", "keep_aspect")
-# dataset.resize=keep_aspect: the largest relative difference of an image's aspect ratio from the
-# training images' median that one rectangle still serves (e.g. KolektorSDD's 250 x 620..640 frames)
+RESIZE_MODES = ("auto", "square", "keep_aspect")
+# dataset.resize=keep_aspect (and auto): the largest relative difference of an image's aspect ratio
+# from the training images' median that one rectangle still serves (e.g. KolektorSDD's 250 x 620..640)
 ASPECT_TOLERANCE = 0.1
 
 
@@ -79,7 +79,9 @@ class AnomalyDataModule(L.LightningDataModule):
         resize: "square" resizes every image to ``image_size`` whatever its shape; "keep_aspect"
             (with a single ``image_size``) to the rectangle of the data's aspect ratio whose shorter
             side is ``image_size`` and whose longer side is a multiple of ``size_multiple`` (the masks
-            likewise, shorter side ``eval_size``): see `image_shape`.
+            likewise, shorter side ``eval_size``): see `image_shape`. "auto": "keep_aspect" when every
+            image, training and test, has one aspect ratio and its rectangle is not the square, else
+            "square"; `image_shape` replaces it with the mode it chose.
         size_multiple: the longer side of a "keep_aspect" rectangle is rounded to a multiple of this
             (the backbone's largest stride).
         tiling: None, or ``{scale, overlap, shape, batch}`` (``uflow_exp.tiling``): each image, at its
@@ -103,7 +105,7 @@ class AnomalyDataModule(L.LightningDataModule):
         category: str | None = None,
         image_size: int | list[int] = 256,
         eval_size: int | list[int] | None = None,
-        resize: str = "square",
+        resize: str = "auto",
         size_multiple: int = 32,
         tiling: dict | None = None,
         batch_size: int = 8,
@@ -131,7 +133,8 @@ class AnomalyDataModule(L.LightningDataModule):
         self.layout = layout
         self.root = None if root is None else Path(root)
         self.category = category
-        # (height, width); "keep_aspect" replaces both with the data's rectangle (`image_shape`)
+        # (height, width); "keep_aspect" (or "auto" choosing it) replaces both with the data's
+        # rectangle (`image_shape`)
         self.image_size = as_shape(image_size, "dataset.image_size")
         self.eval_size = as_shape(eval_size or image_size, "dataset.eval_size")
         # an explicit rectangle is taken as it is; a single side keeps the data's aspect on request
@@ -154,6 +157,7 @@ class AnomalyDataModule(L.LightningDataModule):
         self.val_dataset: AnomalyDataset | None = None
         self.test_dataset: AnomalyDataset | None = None
         self._found: tuple[Splits, FileProblems] | None = None
+        self._valid: tuple[list[Record], list[Record]] | None = None
 
     def _find(self) -> tuple[Splits, FileProblems]:
         """The layout's records, listed once per process (what it skipped under ``warn`` with them)."""
@@ -162,6 +166,18 @@ class AnomalyDataModule(L.LightningDataModule):
                 self.layout, self.root, self.category, self.seed, self.on_bad_file, self.options
             )
         return self._found
+
+    def _validated(self) -> tuple[list[Record], list[Record]]:
+        """The training and test records whose files open, checked once per process (bad files go to
+        the layout's `FileProblems`: the first one raises, or under ``warn`` each is skipped)."""
+        if self._valid is None:
+            found, problems = self._find()
+            self._valid = (
+                validate_records(found.train, problems, self.verify_images),
+                validate_records(found.test, problems, self.verify_images),
+            )
+            problems.summarise(self.layout)
+        return self._valid
 
     def prepare_data(self) -> None:
         # Builds the caches (generated textures, decoded video frames) once, on one process.
@@ -186,43 +202,67 @@ class AnomalyDataModule(L.LightningDataModule):
             how = f"{len(self.tiler)} tiles of {shape_text(tile)} (overlap >= {self.tiler.overlap:g})"
             log.info("dataset.tiling: images %s, %s, maps %s (height x width)",
                      shape_text(self.image_size), how, shape_text(self.eval_size))  # fmt: skip
+        elif self.resize == "auto" and self._auto_is_square():
+            self.resize = "square"
         else:
             height, width = self.data_shape()
             self.image_size = keep_aspect(min(self.image_size), height, width, self.size_multiple)
             self.eval_size = keep_aspect(min(self.eval_size), *self.image_size)
-            log.info("dataset.resize=keep_aspect: images %s, maps %s (height x width)",
+            log.info("dataset.resize=%s: images %s, maps %s (height x width)", self.resize,
                      shape_text(self.image_size), shape_text(self.eval_size))  # fmt: skip
+            self.resize = "keep_aspect"
         self._shaped = True
         return self.image_size, self.eval_size
 
-    def data_shape(self) -> Shape:
-        """The median height and width of the training images (read from the files' headers). An
-        image, training or test, whose aspect ratio is more than `ASPECT_TOLERANCE` away from theirs
-        is refused, naming it: one rectangle would distort it as the square does."""
-        found, _ = self._find()
-        shapes = {r.image: _header_shape(r.image) for r in [*found.train, *found.test]}
-        if not found.train:
+    def _auto_is_square(self) -> bool:
+        """``resize: auto``: whether the square serves, logging why: the images' aspect ratios differ
+        (one rectangle would distort some of them), or their rectangle is the square anyway."""
+        if not self._validated()[0]:
+            return True  # setup names the empty split
+        (height, width), outlier = self._aspect()
+        if outlier is not None:
+            path, h, w = outlier
+            log.info("dataset.resize=auto: square, the images' aspect ratios differ (%s is %d x %d, width "
+                     "x height, the training images' median %d x %d)", path, w, h, width, height)  # fmt: skip
+            return True
+        return keep_aspect(min(self.image_size), height, width, self.size_multiple) == self.image_size
+
+    def _aspect(self) -> tuple[Shape, tuple[Path, int, int] | None]:
+        """The training images' median (height, width), read from the files' headers, and the first
+        image (path, height, width), training or test, whose aspect ratio is more than
+        `ASPECT_TOLERANCE` away from theirs (None: every image fits one rectangle)."""
+        train, test = self._validated()
+        shapes = {r.image: _header_shape(r.image) for r in [*train, *test]}
+        if not train:
             raise DatasetError(f"{self.layout} (root {self.root}): no training images to take the shape of")
-        height, width = (int(np.median([shapes[r.image][axis] for r in found.train])) for axis in (0, 1))
+        height, width = (int(np.median([shapes[r.image][axis] for r in train])) for axis in (0, 1))
         ratio = height / width
-        for path, (h, w) in shapes.items():
-            if abs(h / w / ratio - 1) > ASPECT_TOLERANCE:
-                how = "tiling" if self.tiling is not None else "resize=keep_aspect"
-                raise DatasetError(
-                    f"dataset.{how}: {path} is {w} x {h} pixels (width x height), an aspect ratio "
-                    f"(height / width) of {h / w:.3f} against the training images' {ratio:.3f}; one "
-                    "rectangle fits images of one shape: use dataset.resize=square for mixed shapes"
-                )
+        outlier = next(
+            ((path, h, w) for path, (h, w) in shapes.items() if abs(h / w / ratio - 1) > ASPECT_TOLERANCE),
+            None,
+        )
+        return (height, width), outlier
+
+    def data_shape(self) -> Shape:
+        """The median height and width of the training images. An image, training or test, whose
+        aspect ratio is more than `ASPECT_TOLERANCE` away from theirs is refused, naming it: one
+        rectangle would distort it as the square does."""
+        (height, width), outlier = self._aspect()
+        if outlier is not None:
+            path, h, w = outlier
+            how = "tiling" if self.tiling is not None else "resize=keep_aspect"
+            raise DatasetError(
+                f"dataset.{how}: {path} is {w} x {h} pixels (width x height), an aspect ratio "
+                f"(height / width) of {h / w:.3f} against the training images' {height / width:.3f}; one "
+                "rectangle fits images of one shape: use dataset.resize=square for mixed shapes"
+            )
         return height, width
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:
             return
-        found, problems = self._find()
+        train, test = self._validated()
         self.image_shape()
-        train = validate_records(found.train, problems, self.verify_images)
-        test = validate_records(found.test, problems, self.verify_images)
-        problems.summarise(self.layout)
         where = f"{self.layout} (root {self.root}, category {self.category})"
         for split, records in (("train", train), ("test", test)):
             if not records:

@@ -93,6 +93,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             cfg.dataset = run_dataset(ckpt)
         if ours:  # the data set's image and mask sizes follow the checkpoint
             cfg.backbone = hparams["backbone"]
+            cfg.dataset.resize = "square"  # to the checkpoint's input_size as it stands (int or rectangle)
             cfg.model.eval_size = hparams.get("eval_size")
             cfg.dataset.tiling = hparams.get("tiling")
             cfg.threshold = override or hparams["threshold"]

@@ -200,17 +200,20 @@ def calibrate_kept_checkpoints(trainer: L.Trainer, model: UFlowModule, datamodul
 
 
 def take_data_shape(cfg: DictConfig, datamodule: AnomalyDataModule, config_file: Path) -> None:
-    """Under ``dataset.resize=keep_aspect`` the data decide the rectangle the backbone takes and the
-    maps are scored at: it becomes ``backbone.input_size`` and ``model.eval_size`` ([height, width]);
-    under ``dataset.tiling``, the whole-image shape the tiles are cut from becomes ``tiling.shape``. So
-    the model is built for it, the checkpoint records it and evaluate / predict / export follow it."""
-    if datamodule.resize != "keep_aspect" and datamodule.tiling is None:
+    """Under ``dataset.resize=keep_aspect`` (or ``auto`` choosing it) the data decide the rectangle the
+    backbone takes and the maps are scored at: it becomes ``backbone.input_size`` and
+    ``model.eval_size`` ([height, width]); under ``dataset.tiling``, the whole-image shape the tiles are
+    cut from becomes ``tiling.shape``. So the model is built for it, the checkpoint records it and
+    evaluate / predict / export follow it. ``dataset.resize`` records the mode ``auto`` chose."""
+    chosen = datamodule.resize
+    images, maps = datamodule.image_shape()  # resolves "auto"
+    if chosen == "square" and datamodule.tiling is None:
         return
-    images, maps = datamodule.image_shape()
     with open_dict(cfg):
+        cfg.dataset.resize = datamodule.resize
         if datamodule.tiling is not None:
             cfg.dataset.tiling.shape = list(images)
-        else:
+        elif datamodule.resize == "keep_aspect":
             cfg.backbone.input_size = list(images)
             cfg.model.eval_size = list(maps)
     if is_rank_zero():

@@ -452,12 +452,16 @@ def test_truncated_image_fails_at_setup_naming_it_or_is_skipped_with_a_count(tmp
     root = make_mvtec(tmp_path / "mvtec", n_train=6)
     bad = root / "bottle" / "train" / "good" / "002.png"
     bad.write_bytes(bad.read_bytes()[:200])
+    # no header at all: skipped under warn before resize=auto reads the images' shapes
+    garbage = root / "bottle" / "train" / "good" / "005.png"
+    garbage.write_bytes(b"not an image")
     with pytest.raises(BadFileError, match=rf"{bad}: unreadable or truncated image"):
         ready("mvtec", root=str(root))
     with caplog.at_level(logging.WARNING):
         dm = ready("mvtec", root=str(root), on_bad_file="warn")
-    assert len(dm.train_dataset) + len(dm.val_dataset) == 5
-    assert "skipped 1 bad file(s)" in caplog.text
+    assert len(dm.train_dataset) + len(dm.val_dataset) == 4
+    assert "skipped 2 bad file(s)" in caplog.text
+    garbage.unlink()
     # when set-up reads headers only, decoding in a loader worker still raises an error naming the file
     lazy = ready("mvtec", root=str(root), verify_images=False, val_split="test", num_workers=1)
     with pytest.raises(

@@ -148,6 +148,12 @@ def test_keep_aspect_yields_the_datas_rectangle_and_refuses_another_shape(tmp_pa
     # the default, auto, keeps the aspect of images of one shape, and says it chose keep_aspect
     auto = ready("mvtec", root=str(root), category="bottle", image_size=64, eval_size=32)
     assert auto.resize == "keep_aspect" and auto.image_shape() == ((64, 160), (32, 80))
+    # ... when they are elongated: 4:3 images are squashed to the square
+    four_three = make_mvtec(tmp_path / "four_three", n_train=6, size=(48, 64))
+    with caplog.at_level(logging.INFO, logger="uflow_exp.data.datamodule"):
+        near = ready("mvtec", root=str(four_three), category="bottle", image_size=64)
+    assert near.resize == "square" and near.test_dataset[0]["image"].shape == (3, 64, 64)
+    assert "within 1.5:1 of square" in caplog.text
     # an explicit rectangle is taken as given
     explicit = ready("mvtec", root=str(root), category="bottle", image_size=[32, 96], eval_size=[32, 96])
     assert explicit.test_dataset[3]["image"].shape == (3, 32, 96)

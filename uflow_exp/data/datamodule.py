@@ -163,6 +163,7 @@ class AnomalyDataModule(L.LightningDataModule):
         self.test_dataset: AnomalyDataset | None = None
         self._found: tuple[Splits, FileProblems] | None = None
         self._valid: tuple[list[Record], list[Record]] | None = None
+        self._aspect_found: tuple[Shape, tuple[Path, int, int] | None] | None = None
 
     def _find(self) -> tuple[Splits, FileProblems]:
         """The layout's records, listed once per process (what it skipped under ``warn`` with them)."""
@@ -242,7 +243,10 @@ class AnomalyDataModule(L.LightningDataModule):
     def _aspect(self) -> tuple[Shape, tuple[Path, int, int] | None]:
         """The training images' median (height, width), read from the files' headers, and the first
         image (path, height, width), training or test, whose aspect ratio is more than
-        `ASPECT_TOLERANCE` away from theirs (None: every image fits one rectangle)."""
+        `ASPECT_TOLERANCE` away from theirs (None: every image fits one rectangle). Read once: `auto`
+        and `data_shape` both ask."""
+        if self._aspect_found is not None:
+            return self._aspect_found
         train, test = self._validated()
         shapes = {r.image: _header_shape(r.image) for r in [*train, *test]}
         if not train:
@@ -253,7 +257,8 @@ class AnomalyDataModule(L.LightningDataModule):
             ((path, h, w) for path, (h, w) in shapes.items() if abs(h / w / ratio - 1) > ASPECT_TOLERANCE),
             None,
         )
-        return (height, width), outlier
+        self._aspect_found = (height, width), outlier
+        return self._aspect_found
 
     def data_shape(self) -> Shape:
         """The median height and width of the training images. An image, training or test, whose

@@ -138,8 +138,7 @@ class AnomalyDataModule(L.LightningDataModule):
         self.layout = layout
         self.root = None if root is None else Path(root)
         self.category = category
-        # (height, width); "keep_aspect" (or "auto" choosing it) replaces both with the data's
-        # rectangle (`image_shape`)
+        # (height, width); "keep_aspect" (or "auto") may replace both with a rectangle (`image_shape`)
         self.image_size = as_shape(image_size, "dataset.image_size")
         self.eval_size = as_shape(eval_size or image_size, "dataset.eval_size")
         # an explicit rectangle is taken as it is; a single side keeps the data's aspect on request

@@ -7,7 +7,10 @@ checkpoint's latents of the test images are computed once; every variant is then
 turning the same latents into a pixel map and an image score, scored by the project's metrics (pixel
 AUROC, AUPRO@0.3; image AUROC exact). Variants:
 
-- `mean p` (the method's map): 1 - mean over scales of exp(-0.5 mean_c z^2), upsampled;
+- `mean p` (the method's map; the run's own result under `model.map_relative_quantile=null`): 1 - mean
+  over scales of exp(-0.5 mean_c z^2), upsampled;
+- `relative q`: that map against each image's own q-quantile level (`model.map_relative_quantile`;
+  the default's row is the run's own pixel result);
 - `product p`: 1 - exp(-mean over scales of 0.5 mean_c z^2), the scales' likelihoods multiplied
   (a monotone function of the mean negative log-likelihood: no scale saturates the others);
 - `scale k`: one scale's likelihood alone (finest first), to see which scales carry the defects;
@@ -32,9 +35,12 @@ from torchmetrics.functional.classification import binary_auroc
 from torchvision.transforms.functional import gaussian_blur
 
 from uflow_exp.metrics import PixelAUPRO, PixelAUROC
-from uflow_exp.models.uflow.anomaly_map import anomaly_map
+from uflow_exp.models.uflow.anomaly_map import anomaly_map, relative_map
 from uflow_exp.models.uflow.lightning_module import UFlowModule
 from uflow_exp.utils.shapes import as_shape
+
+
+RELATIVE_QUANTILES = (0.75, 0.8, 0.85, 0.9, 0.95)
 
 
 def scale_nll(z: list[torch.Tensor], size: int | tuple[int, int]) -> torch.Tensor:
@@ -52,6 +58,8 @@ def variants(n_scales: int) -> dict[str, Callable[[list[torch.Tensor], int], tor
         "mean p": lambda z, size: anomaly_map(z, size),
         "product p": lambda z, size: 1.0 - torch.exp(-scale_nll(z, size).mean(dim=1, keepdim=True)),
     }
+    for q in RELATIVE_QUANTILES:
+        maps[f"relative {q:g}"] = lambda z, size, q=q: relative_map(anomaly_map(z, size), q)
     for k in range(n_scales):
         maps[f"scale {k + 1}"] = lambda z, size, k=k: anomaly_map(z[k : k + 1], size)
     for k in range(1, n_scales - 1):

@@ -7,7 +7,8 @@ calibration scores) and the test images once; then every level the calibration c
 the n normal scores, k = 1..n, i.e. `threshold.false_alarm_rate` from (n + 1 - k) / (n + 1)) is
 applied to the test images. The figure plots, against the test false-alarm rate: the recall at each
 of those levels (the default, the largest score, marked), and the oracle ROC of a threshold on each
-image's map maximum (reads the test labels). The table printed beside it lists the same points.
+image's score (`predict`'s image score, as `test/oracle_recall_at_false_alarms` uses; reads the test
+labels). The table printed beside it lists the same points.
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def image_scores(module: UFlowModule, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per image: the largest -log10 NFA, the map's maximum and the label."""
+    """Per image: the largest -log10 NFA, the image score and the label."""
     significance, maxima, labels = [], [], []
     with torch.inference_mode():
         for batch in loader:
             out = module.predict_step(batch)
             significance.append(out["significance"].flatten(1).amax(dim=1))
-            maxima.append(out["anomaly_map"].flatten(1).amax(dim=1))
+            maxima.append(out["image_score"])
             labels.append(batch["label"])
     return torch.cat(significance), torch.cat(maxima), torch.cat(labels)
 
@@ -71,7 +72,7 @@ def main() -> None:
     oracle_recall = torch.cumsum(anomalous[order].double(), 0) / anomalous.sum()
     figure, axes = plt.subplots(figsize=(5.5, 4))
     axes.step([0, *oracle_fa.tolist()], [0, *oracle_recall.tolist()], where="post", color="grey",
-              label="oracle: threshold on the map's maximum (test labels)")  # fmt: skip
+              label="oracle: threshold on the image score (test labels)")  # fmt: skip
     axes.plot(
         [r[1] for r in rows], [r[2] for r in rows], "o-", ms=3, label="tree-NFA level at a false-alarm rate"
     )

@@ -178,9 +178,10 @@ def test_peak_rss_is_the_commands_own_not_the_benchmarks(bench_peers):
 
 
 def test_map_variants_start_from_what_the_run_tested(tmp_path):
-    """bench_maps on a trained run: its `mean p` row (the method's map) and its `mean p, scales 2-3` row
-    (the map the default image score, `model.image_score_scales: 2`, is the maximum of) are the run's
-    own test result, from the same best checkpoint; the other variants are other maps of it."""
+    """bench_maps on a trained run: its `relative 0.8` row (the default map, `model.map_relative_quantile:
+    0.8`) and its `mean p, scales 2-3` row (the map the default image score, `model.image_score_scales:
+    2`, is the maximum of) are the run's own test result, from the same best checkpoint; the other
+    variants are other maps of it."""
     import json
 
     from tests import fake_layouts
@@ -200,12 +201,12 @@ def test_map_variants_start_from_what_the_run_tested(tmp_path):
         for r in table_rows(out, "")
         if r[0][0].isalnum() and r[0] != "variant"
     }
-    assert (
-        len(rows) == 2 + 3 + 1 + 4
-    )  # mean p, product p, one per latent scale (3: resnet18), scales 2-3, blurs
+    # mean p, product p, 5 relative, one per latent scale (3: resnet18), scales 2-3, blurs
+    assert len(rows) == 2 + 5 + 3 + 1 + 4
+    default = rows["relative 0.8"]
+    assert default[0] == pytest.approx(tested["test/pixel_auroc"], abs=1e-3)
+    assert default[1] == pytest.approx(tested["test/pixel_aupro"], abs=1e-3)
     mean_p = rows["mean p"]
-    assert mean_p[0] == pytest.approx(tested["test/pixel_auroc"], abs=1e-3)
-    assert mean_p[1] == pytest.approx(tested["test/pixel_aupro"], abs=1e-3)
     assert rows["mean p, scales 2-3"][2] == pytest.approx(tested["test/image_auroc"], abs=1e-3)
     assert rows["product p + blur 4"] != mean_p and all(0 <= v <= 1 for r in rows.values() for v in r)
 

@@ -32,8 +32,10 @@ def _train(tmp: Path, threshold: str, *extra: str) -> Path:
         f"dataset.root={root}",
         f"threshold={threshold}",
         "test=false",
-        # the score is then the map's maximum, which the saved maps let these tests bound
+        # the score is then the map's maximum, which the saved maps let these tests bound (the
+        # likelihood map itself: not shown against each image's level)
         "model.image_score_scales=null",
+        "model.map_relative_quantile=null",
         *extra,
     ]
     train(compose_train(overrides, tmp / "run"))

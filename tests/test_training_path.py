@@ -137,6 +137,7 @@ def test_the_image_score_is_the_maximum_of_the_coarsest_scales_map(scales, tmp_p
 
     from tests.framework_helpers import TINY, compose_train
     from uflow_exp.metrics import AnomalyMetrics
+    from uflow_exp.models.uflow.anomaly_map import relative_map
 
     setting = f"model.image_score_scales={'null' if scales is None else scales}"
     cfg = compose_train([*TINY, setting, "threshold.calibrate_on_normal=false"], tmp_path)
@@ -148,7 +149,9 @@ def test_the_image_score_is_the_maximum_of_the_coarsest_scales_map(scales, tmp_p
     assert len(z) == 3  # resnet18's three levels, finest first
     expected = module.model.anomaly_map(z if scales is None else z[-scales:], 64).flatten(1).amax(1)
     assert torch.allclose(out["image_score"], expected)
-    assert torch.allclose(out["anomaly_map"], module.model.anomaly_map(z, 64))  # the map keeps every scale
+    # the map keeps every scale (shown against each image's level: model.map_relative_quantile)
+    relative = relative_map(module.model.anomaly_map(z, 64), module.map_relative_quantile)
+    assert torch.allclose(out["anomaly_map"], relative)
     if scales is not None:
         assert not torch.allclose(out["image_score"], out["anomaly_map"].flatten(1).amax(1))
     # and evaluation ranks images by it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -31,3 +32,17 @@ def anomaly_map(
         radius = max(1, int(4 * blur_sigma + 0.5))  # the kernel reaches 4 sigma, as scipy's does
         amap = gaussian_blur(amap, [2 * radius + 1] * 2, [float(blur_sigma)] * 2)
     return amap
+
+
+def relative_map(amap: torch.Tensor, quantile: float) -> torch.Tensor:
+    """Each image's map against its own level: ``(1 + amap - level) / 2``, where ``level`` is the value
+    that ``quantile`` of the image's pixels do not exceed (its order statistic ``ceil(quantile N)`` of
+    N pixels). Still in [0, 1] for a map in [0, 1], and in the same order within an image; what
+    changes is the order across images: a map that is warm all over (another patient's contrast,
+    another batch's lighting) is brought down to its peers, so a defect is judged by how far it rises
+    above the rest of its own image. ``kthvalue`` rather than ``torch.quantile``, which refuses inputs
+    above 16M values (a batch of large tiled images)."""
+    flat = amap.flatten(1)
+    k = max(1, math.ceil(quantile * flat.shape[1]))
+    level = flat.kthvalue(k, dim=1).values.view(-1, *[1] * (amap.dim() - 1))
+    return (1.0 + amap - level) * 0.5

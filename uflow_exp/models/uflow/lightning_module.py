@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from uflow_exp.metrics import AnomalyMetrics
+from uflow_exp.models.uflow.anomaly_map import relative_map
 from uflow_exp.models.uflow.loss import nll_loss
 from uflow_exp.models.uflow.model import UFlow
 from uflow_exp.thresholds import Threshold
@@ -65,6 +66,10 @@ class UFlowModule(L.LightningModule):
         image_score_scales: an image's anomaly score is the maximum of the anomaly map of its
             ``image_score_scales`` coarsest latent scales (None: of the whole map, the method's); the
             pixel map keeps every scale.
+        map_relative_quantile: the pixel map each image shows, scores and is thresholded on is its
+            likelihood map against the image's own ``map_relative_quantile`` level (``relative_map``;
+            None: the likelihood map as it is, the method's). The image score and the NFA's latents
+            are not affected.
         metric_bins: score bins of the pixel metrics (memory stays bounded; see uflow_exp.metrics).
     """
 
@@ -78,6 +83,7 @@ class UFlowModule(L.LightningModule):
         eval_size: int | list[int] | None = None,
         tiling: dict | None = None,
         image_score_scales: int | None = None,
+        map_relative_quantile: float | None = None,
         metric_bins: int = 10_000,
     ) -> None:
         super().__init__()
@@ -91,6 +97,7 @@ class UFlowModule(L.LightningModule):
                 "eval_size": _plain(eval_size),
                 "tiling": _plain(tiling) or None,
                 "image_score_scales": image_score_scales,
+                "map_relative_quantile": map_relative_quantile,
                 "metric_bins": metric_bins,
             },
             # the task logs the whole run config, nested; Lightning would flatten these beside it
@@ -108,6 +115,11 @@ class UFlowModule(L.LightningModule):
                 f"model.image_score_scales must be a number of scales >= 1 or null, got {image_score_scales}"
             )
         self.image_score_scales = image_score_scales
+        if map_relative_quantile is not None and not 0.0 < map_relative_quantile < 1.0:
+            raise ValueError(
+                f"model.map_relative_quantile must be in (0, 1) or null, got {map_relative_quantile}"
+            )
+        self.map_relative_quantile = map_relative_quantile
         self.val_metrics = AnomalyMetrics(n_bins=metric_bins)
         self.test_metrics = AnomalyMetrics(n_bins=metric_bins)
         self._val_anomalous = 0
@@ -221,7 +233,23 @@ class UFlowModule(L.LightningModule):
 
     def _maps(self, batch: dict, loss: bool = False, significance: bool = True) -> Maps:
         """`Maps` of a batch of images at ``image_shape``, or of their cached ``features``: the
-        significance and the loss only if asked. Under tiling each image's tiles go through the model
+        significance and the loss only if asked. With ``map_relative_quantile`` the anomaly map is
+        each whole image's map against its own level (after the tiles are blended), and so is the
+        significance of the modes that threshold the map; the image score keeps the likelihood map."""
+        maps = self._image_maps(batch, loss, significance)
+        if self.map_relative_quantile is None:
+            return maps
+        amap = relative_map(maps.anomaly_map, self.map_relative_quantile)
+        thresholds_map = maps.significance is not None and self.threshold.significance == "anomaly_map"
+        return Maps(
+            amap,
+            amap if thresholds_map else maps.significance,
+            maps.loss,
+            maps.anomaly_map if maps.score_map is None else maps.score_map,
+        )
+
+    def _image_maps(self, batch: dict, loss: bool, significance: bool) -> Maps:
+        """`_maps` before the relative map. Under tiling each image's tiles go through the model
         ``tile_batch`` at a time, the significance counting every tile of the image as tests, and the
         tile maps are blended (maps: faded across overlaps; significance: the maximum)."""
         if self.tiler is None:

@@ -39,7 +39,6 @@ from uflow_exp.models.uflow.anomaly_map import anomaly_map, relative_map
 from uflow_exp.models.uflow.lightning_module import UFlowModule
 from uflow_exp.utils.shapes import as_shape
 
-
 RELATIVE_QUANTILES = (0.75, 0.8, 0.85, 0.9, 0.95)
 
 

@@ -61,5 +61,6 @@ def test_a_quantile_outside_the_open_interval_is_refused(value, tmp_path):
     from hydra.utils import instantiate
 
     cfg = compose_train([*TINY, f"model.map_relative_quantile={value}"], tmp_path)
-    with pytest.raises(InstantiationException, match=r"map_relative_quantile must be in \(0, 1\) or null, got"):
+    refused = r"map_relative_quantile must be in \(0, 1\) or null, got"
+    with pytest.raises(InstantiationException, match=refused):
         instantiate(cfg.model)

@@ -9,16 +9,16 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
 
 
-def render_panel(image, mask, amap, segmentation, title: str, path: Path) -> None:
+def render_panel(image, mask, amap, segmentation, title: str, path: Path, map_range=(0.0, 1.0)) -> None:
     """Save `panel_figure` as ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    panel_figure(image, mask, amap, segmentation, title).savefig(path, dpi=80)
+    panel_figure(image, mask, amap, segmentation, title, map_range).savefig(path, dpi=80)
 
 
-def panel_figure(image, mask, amap, segmentation, title: str):
+def panel_figure(image, mask, amap, segmentation, title: str, map_range=(0.0, 1.0)):
     """One row: image | ground truth | anomaly map (with colour bar) | automatic segmentation. ``mask``
     None: an anomalous image labelled without a mask, drawn grey and said so (black would read "no
-    defect")."""
+    defect"). The map's colours span ``map_range`` (low, high)."""
     # A bare Figure (no pyplot): rendering must not switch the backend of a notebook or GUI session.
     from matplotlib.figure import Figure
 
@@ -36,7 +36,7 @@ def panel_figure(image, mask, amap, segmentation, title: str):
         )
         if mask is None
         else (mask.numpy(), "ground truth", {"cmap": "gray", "vmin": 0, "vmax": 1}),
-        (amap.numpy(), "anomaly map", {"cmap": "jet", "vmin": 0, "vmax": 1}),
+        (amap.numpy(), "anomaly map", {"cmap": "jet", "vmin": map_range[0], "vmax": map_range[1]}),
         (segmentation.numpy(), "automatic mask", {"cmap": "gray", "vmin": 0, "vmax": 1}),
     ]
     for ax, (array, name, kwargs) in zip(axes, panels, strict=True):
@@ -44,7 +44,9 @@ def panel_figure(image, mask, amap, segmentation, title: str):
         ax.set_title(name)
         ax.axis("off")
         if name == "anomaly map":
-            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04).set_label(
+                "same scale in all panels", fontsize=7
+            )
     fig.suptitle(title, fontsize=9)
     return fig
 
@@ -96,12 +98,14 @@ class TestImageLogger(L.Callback):
 
     def _render(self, trainer, curves: dict) -> None:
         chosen = self._chosen()
+        map_range = shared_map_range([sample["amap"] for sample in chosen])
         panels = []
         for index, sample in enumerate(chosen):
             path = self.output_dir / f"{index:03d}_{Path(sample['path']).stem}.png"
             render_panel(
-                sample["image"], sample["mask"], sample["amap"], sample["segmentation"], sample["path"], path
-            )
+                sample["image"], sample["mask"], sample["amap"], sample["segmentation"], sample["path"], path,
+                map_range,
+            )  # fmt: skip
             panels.append(path)
         curve_plot = render_curves(curves, self.output_dir / "curves.png") if curves else None
         for logger in trainer.loggers:
@@ -116,6 +120,17 @@ class TestImageLogger(L.Callback):
                 logger.log_image(
                     key="test/curves", images=[str(curve_plot)], caption=["pixel ROC and PRO curves"]
                 )
+
+
+def shared_map_range(maps: list) -> tuple[float, float]:
+    """One colour range for all panels of a run, from the lowest to the highest value of their maps:
+    the maps live in [0, 1], but the relative map spends most of its pixels near 0.5, so a fixed [0, 1]
+    scale drew every panel the same flat colour; a range per panel would make a clean image's noise look
+    as hot as a defect. Shared, the colours compare across panels and still span what the maps hold."""
+    if not maps:
+        return 0.0, 1.0
+    low, high = min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)
+    return (low, high) if high > low else (low - 0.5, high + 0.5)
 
 
 def render_curves(curves: dict, path: Path, max_fpr: float = 0.3) -> Path:

@@ -55,12 +55,33 @@ def test_the_module_shows_the_relative_map_and_keeps_the_image_score_and_the_nfa
     assert torch.allclose(plain.anomaly_map, likelihood) and plain.score_map is None
 
 
+@pytest.mark.parametrize("scales", [None, 2])
+def test_a_relative_image_score_is_the_peak_above_the_images_own_level(scales, tmp_path):
+    from hydra.utils import instantiate
+
+    setting = f"model.image_score_scales={'null' if scales is None else scales}"
+    overrides = [setting, "model.image_score_relative_quantile=0.5", "threshold.calibrate_on_normal=false"]
+    cfg = compose_train([*TINY, *overrides], tmp_path)
+    module = instantiate(cfg.model).eval()
+    images = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        score = module.predict_step({"image": images})["image_score"]
+        z, _ = module.model(images)
+    likelihood = module.model.anomaly_map(z if scales is None else z[-scales:], 64)
+    level = likelihood.flatten(1).median(dim=1).values  # the 0.5 quantile of 64 x 64 pixels: the lower median
+    assert torch.allclose(score, (1.0 + likelihood.flatten(1).amax(1) - level) / 2)
+    module.map_relative_quantile = None  # the score does not depend on the map's own setting
+    with torch.no_grad():
+        assert torch.allclose(module.predict_step({"image": images})["image_score"], score)
+
+
+@pytest.mark.parametrize("key", ["map_relative_quantile", "image_score_relative_quantile"])
 @pytest.mark.parametrize("value", [0.0, 1.0, 1.5])
-def test_a_quantile_outside_the_open_interval_is_refused(value, tmp_path):
+def test_a_quantile_outside_the_open_interval_is_refused(key, value, tmp_path):
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    cfg = compose_train([*TINY, f"model.map_relative_quantile={value}"], tmp_path)
-    refused = r"map_relative_quantile must be in \(0, 1\) or null, got"
+    cfg = compose_train([*TINY, f"model.{key}={value}"], tmp_path)
+    refused = rf"model.{key} must be in \(0, 1\) or null, got {value}"
     with pytest.raises(InstantiationException, match=refused):
         instantiate(cfg.model)

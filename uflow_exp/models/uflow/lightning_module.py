@@ -70,6 +70,9 @@ class UFlowModule(L.LightningModule):
             likelihood map against the image's own ``map_relative_quantile`` level (``relative_map``;
             None: the likelihood map as it is, the method's). The image score and the NFA's latents
             are not affected.
+        image_score_relative_quantile: the image score's map (``image_score_scales``) against the
+            image's own level the same way before its maximum is taken (None: as it is, the default):
+            an image is scored by how far its peak rises above the rest of it.
         metric_bins: score bins of the pixel metrics (memory stays bounded; see uflow_exp.metrics).
     """
 
@@ -84,6 +87,7 @@ class UFlowModule(L.LightningModule):
         tiling: dict | None = None,
         image_score_scales: int | None = None,
         map_relative_quantile: float | None = None,
+        image_score_relative_quantile: float | None = None,
         metric_bins: int = 10_000,
     ) -> None:
         super().__init__()
@@ -98,6 +102,7 @@ class UFlowModule(L.LightningModule):
                 "tiling": _plain(tiling) or None,
                 "image_score_scales": image_score_scales,
                 "map_relative_quantile": map_relative_quantile,
+                "image_score_relative_quantile": image_score_relative_quantile,
                 "metric_bins": metric_bins,
             },
             # the task logs the whole run config, nested; Lightning would flatten these beside it
@@ -115,11 +120,14 @@ class UFlowModule(L.LightningModule):
                 f"model.image_score_scales must be a number of scales >= 1 or null, got {image_score_scales}"
             )
         self.image_score_scales = image_score_scales
-        if map_relative_quantile is not None and not 0.0 < map_relative_quantile < 1.0:
-            raise ValueError(
-                f"model.map_relative_quantile must be in (0, 1) or null, got {map_relative_quantile}"
-            )
+        for key, quantile in (
+            ("map_relative_quantile", map_relative_quantile),
+            ("image_score_relative_quantile", image_score_relative_quantile),
+        ):
+            if quantile is not None and not 0.0 < quantile < 1.0:
+                raise ValueError(f"model.{key} must be in (0, 1) or null, got {quantile}")
         self.map_relative_quantile = map_relative_quantile
+        self.image_score_relative_quantile = image_score_relative_quantile
         self.val_metrics = AnomalyMetrics(n_bins=metric_bins)
         self.test_metrics = AnomalyMetrics(n_bins=metric_bins)
         self._val_anomalous = 0
@@ -235,17 +243,22 @@ class UFlowModule(L.LightningModule):
         """`Maps` of a batch of images at ``image_shape``, or of their cached ``features``: the
         significance and the loss only if asked. With ``map_relative_quantile`` the anomaly map is
         each whole image's map against its own level (after the tiles are blended), and so is the
-        significance of the modes that threshold the map; the image score keeps the likelihood map."""
+        significance of the modes that threshold the map; the image score keeps the likelihood map,
+        against its own level only under ``image_score_relative_quantile``."""
         maps = self._image_maps(batch, loss, significance)
+        score_map = maps.score_map
+        if self.image_score_relative_quantile is not None:
+            score_map = maps.anomaly_map if score_map is None else score_map
+            score_map = relative_map(score_map, self.image_score_relative_quantile)
         if self.map_relative_quantile is None:
-            return maps
+            return maps._replace(score_map=score_map)
         amap = relative_map(maps.anomaly_map, self.map_relative_quantile)
         thresholds_map = maps.significance is not None and self.threshold.significance == "anomaly_map"
         return Maps(
             amap,
             amap if thresholds_map else maps.significance,
             maps.loss,
-            maps.anomaly_map if maps.score_map is None else maps.score_map,
+            maps.anomaly_map if score_map is None else score_map,
         )
 
     def _image_maps(self, batch: dict, loss: bool, significance: bool) -> Maps:

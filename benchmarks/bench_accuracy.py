@@ -92,6 +92,12 @@ REFINE_SWEEP = {
     f"nfa_tree+refine{f:g}": ["threshold=nfa_tree", f"threshold.refine_fraction={f:g}"]
     for f in (0.3, 0.5, 0.65, 0.75, 0.8, 0.9)
 }
+# the default mode testing every latent scale or the 2 finest (default: the 3 finest); not run unless named
+SCALES_SWEEP = {
+    "nfa_tree_all_scales": ["threshold=nfa_tree", "threshold.scales=null"],
+    "nfa_tree_2scales": ["threshold=nfa_tree", "threshold.scales=2"],
+}
+NAMED_ONLY = REFINE_SWEEP | SCALES_SWEEP
 OPERATING_COLUMNS = [
     ("mIoU", "test/miou", "{:.3f}"),
     ("best single-threshold mIoU", "test/best_miou", "{:.3f}"),
@@ -190,7 +196,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 1], help="training seeds (rows: means)")
     parser.add_argument(
-        "--thresholds", nargs="*", default=list(THRESHOLDS), choices=[*THRESHOLDS, *REFINE_SWEEP],
+        "--thresholds", nargs="*", default=list(THRESHOLDS), choices=[*THRESHOLDS, *NAMED_ONLY],
         help="re-threshold the first seed's best checkpoint with these modes (none: skip the table)",
     )  # fmt: skip
     parser.add_argument("--no-baseline", action="store_true", help="skip the nearest-neighbour baseline")
@@ -234,7 +240,7 @@ def run_case(case: str, args: argparse.Namespace, folder: Path) -> tuple[str, st
     for mode in args.thresholds:
         metrics = run_cli(
             "uflow_exp.evaluate",
-            [*overrides, f"ckpt_path={ckpt}", *(THRESHOLDS | REFINE_SWEEP)[mode]],
+            [*overrides, f"ckpt_path={ckpt}", *(THRESHOLDS | NAMED_ONLY)[mode]],
             folder,
             mode,
         )

@@ -85,3 +85,14 @@ def test_a_quantile_outside_the_open_interval_is_refused(key, value, tmp_path):
     refused = rf"model.{key} must be in \(0, 1\) or null, got {value}"
     with pytest.raises(InstantiationException, match=refused):
         instantiate(cfg.model)
+
+
+def test_an_image_score_of_no_scales_is_refused(tmp_path):
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    cfg = compose_train([*TINY, "model.image_score_scales=0"], tmp_path)
+    with pytest.raises(
+        InstantiationException, match=r"model.image_score_scales must be .* >= 1 or null, got 0"
+    ):
+        instantiate(cfg.model)

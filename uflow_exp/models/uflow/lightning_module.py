@@ -42,6 +42,20 @@ class Maps(NamedTuple):
     score_map: torch.Tensor | None
 
 
+def _check_score_options(
+    scales: int | None, map_quantile: float | None, score_quantile: float | None
+) -> None:
+    """Refuse ``model.image_score_scales`` below 1 and relative-map quantiles outside (0, 1)."""
+    if scales is not None and scales < 1:
+        raise ValueError(f"model.image_score_scales must be a number of scales >= 1 or null, got {scales}")
+    for key, quantile in (
+        ("map_relative_quantile", map_quantile),
+        ("image_score_relative_quantile", score_quantile),
+    ):
+        if quantile is not None and not 0.0 < quantile < 1.0:
+            raise ValueError(f"model.{key} must be in (0, 1) or null, got {quantile}")
+
+
 class UFlowModule(L.LightningModule):
     """Trains the flow by NLL; validates on held-out normal images (``val/loss``) and, when the
     validation set holds anomalies, with the test metrics; tests with the threshold mode.
@@ -115,17 +129,8 @@ class UFlowModule(L.LightningModule):
         self.eval_size = as_shape(eval_size or hp.backbone["input_size"], "model.eval_size")
         self.tiler = tiler_of(hp.tiling, self.model.input_shape)
         self.tile_batch = int((hp.tiling or {}).get("batch", 16))
-        if image_score_scales is not None and image_score_scales < 1:
-            raise ValueError(
-                f"model.image_score_scales must be a number of scales >= 1 or null, got {image_score_scales}"
-            )
+        _check_score_options(image_score_scales, map_relative_quantile, image_score_relative_quantile)
         self.image_score_scales = image_score_scales
-        for key, quantile in (
-            ("map_relative_quantile", map_relative_quantile),
-            ("image_score_relative_quantile", image_score_relative_quantile),
-        ):
-            if quantile is not None and not 0.0 < quantile < 1.0:
-                raise ValueError(f"model.{key} must be in (0, 1) or null, got {quantile}")
         self.map_relative_quantile = map_relative_quantile
         self.image_score_relative_quantile = image_score_relative_quantile
         self.val_metrics = AnomalyMetrics(n_bins=metric_bins)

@@ -4,6 +4,7 @@ unreadable files named and counted, and the exit status."""
 import csv
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -281,3 +282,27 @@ def test_onnxruntime_backend_without_a_graph_says_how_to_export(checkpoint, inpu
         )
     with pytest.raises(ValueError, match="backend=tensorrt: expected one of torch, onnxruntime"):
         _predict(checkpoint, inputs, tmp_path / "out", "backend=tensorrt")
+
+
+def test_overlay_colours_span_the_overlay_range_and_default_to_the_upper_half_for_a_relative_map():
+    from matplotlib import colormaps
+
+    from uflow_exp.tasks.predict import overlay_range, render_overlay
+    from uflow_exp.utils.checks import ConfigValueError
+
+    assert overlay_range(None, 0.8) == (0.5, 1.0)  # the relative map's level sits at 0.5
+    assert overlay_range(None, None) == (0.0, 1.0)
+    assert overlay_range([0.2, 0.6], 0.8) == (0.2, 0.6)
+    for bad in ([0.6, 0.2], [0.5], [0.0, 1.5], "0.5"):
+        with pytest.raises(
+            ConfigValueError,
+            match=r"overlay_range must be null or \[low, high\] .*got " + re.escape(str(bad)),
+        ):
+            overlay_range(bad, None)
+
+    image, mask = np.zeros((40, 40, 3)), np.zeros((40, 40), dtype=bool)
+    amap = np.full((40, 40), 0.75)
+    jet = colormaps["jet"]
+    for value_range, share in (((0.5, 1.0), 0.5), ((0.0, 1.0), 0.75), ((0.0, 0.5), 1.0)):
+        pixel = np.asarray(render_overlay(image, amap, mask, 1.0, value_range=value_range))[20, 20]
+        assert np.abs(pixel / 255.0 - np.asarray(jet(share)[:3])).max() < 1 / 255 + 1e-9

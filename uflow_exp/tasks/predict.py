@@ -14,6 +14,7 @@ import glob
 import logging
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,17 +101,24 @@ def _device(name: str) -> torch.device:
 
 
 def render_overlay(
-    image: np.ndarray, amap: np.ndarray, mask: np.ndarray, alpha: float, threshold: float | None = None
+    image: np.ndarray,
+    amap: np.ndarray,
+    mask: np.ndarray,
+    alpha: float,
+    threshold: float | None = None,
+    value_range: tuple[float, float] = (0.0, 1.0),
 ) -> Image.Image:
-    """The image (H, W, 3) with the anomaly map blended in as a jet heat-map (0 blue .. 1 red) and the
-    mask's outline in white, pixel-aligned at the top left; a strip on the right holds the colour
-    bar (with the threshold when it is a map value) and the outline's legend."""
+    """The image (H, W, 3) with the anomaly map blended in as a jet heat-map (``value_range``: its low
+    end blue, its high end red, values beyond clipped) and the mask's outline in white, pixel-aligned
+    at the top left; a strip on the right holds the colour bar (with the threshold when it is a map
+    value) and the outline's legend."""
     from matplotlib import colormaps
     from scipy.ndimage import binary_erosion
 
     jet = colormaps["jet"]
     h, w = mask.shape
-    blended = (1.0 - alpha) * image + alpha * jet(amap)[..., :3]
+    low, high = value_range
+    blended = (1.0 - alpha) * image + alpha * jet(np.clip((amap - low) / (high - low), 0.0, 1.0))[..., :3]
     thickness = max(1, round(min(h, w) / 200))
     outline = mask & ~binary_erosion(mask, iterations=thickness)
     blended[outline] = 1.0
@@ -120,7 +128,7 @@ def render_overlay(
     pad, bar_w = size // 2, size
     height = max(h, 12 * size)
     canvas = Image.new(
-        "RGB", (w + 3 * pad + bar_w + int(font.getlength("0.5")) + 4 * size, height), (40, 40, 40)
+        "RGB", (w + 3 * pad + bar_w + int(font.getlength("0.75")) + 4 * size, height), (40, 40, 40)
     )
     canvas.paste(Image.fromarray((blended * 255).round().astype(np.uint8)), (0, 0))
     draw = ImageDraw.Draw(canvas)
@@ -132,9 +140,10 @@ def render_overlay(
     canvas.paste(Image.fromarray(bar), (x0, top))
 
     def y_of(value: float) -> int:
-        return round(bottom - 1 - value * (bottom - top - 1))
+        share = min(max((value - low) / (high - low), 0.0), 1.0)
+        return round(bottom - 1 - share * (bottom - top - 1))
 
-    marks = [(value, f"{value:g}") for value in (1.0, 0.5, 0.0)]
+    marks = [(value, f"{value:g}") for value in (high, (low + high) / 2, low)]
     if threshold is not None:  # its label wins over a fixed tick it would overlap
         marks = [m for m in marks if abs(y_of(m[0]) - y_of(threshold)) > size] + [(threshold, "thr")]
     for value, label in marks:
@@ -155,6 +164,7 @@ class _Writer:
     alpha: float
     nfa: bool
     threshold: float | None  # calibrated modes: the map value the colour bar marks
+    value_range: tuple[float, float]  # the overlay's colour range
 
     def __call__(self, path: Path, name: Path, sample: dict[str, torch.Tensor]) -> list[str]:
         """``sample``: one image's ``predict_step`` outputs: maps (1, h, w), ``image_score`` a scalar."""
@@ -170,7 +180,7 @@ class _Writer:
         full_mask = F.interpolate(segmentation[None].float(), hw, mode="nearest-exact")[0, 0] > 0.5
         full_map, full_mask = full_map.cpu().numpy(), full_mask.cpu().numpy()
 
-        overlay = render_overlay(image, full_map, full_mask, self.alpha, self.threshold)
+        overlay = render_overlay(image, full_map, full_mask, self.alpha, self.threshold, self.value_range)
         self._save(overlay, "overlays", name, ".png")
         self._save(Image.fromarray(full_mask.astype(np.uint8) * 255), "masks", name, ".png")
         if self.raw_map == "npy":
@@ -195,6 +205,20 @@ class _Writer:
 
     def _save(self, image: Image.Image, kind: str, name: Path, suffix: str) -> None:
         image.save(self._target(kind, name, suffix))
+
+
+def overlay_range(setting, relative_quantile: float | None) -> tuple[float, float]:
+    """The overlays' colour range: ``setting`` ([low, high] within [0, 1]), or by default [0.5, 1] for
+    a map relative to each image's level (the level sits at 0.5, and below it lies the image's ordinary
+    bulk: drawn over [0, 1], every pixel of every image came out the same green) and [0, 1] otherwise."""
+    if setting is None:
+        return (0.5, 1.0) if relative_quantile is not None else (0.0, 1.0)
+    values = list(setting) if isinstance(setting, Sequence) and not isinstance(setting, str) else []
+    if len(values) != 2 or not 0.0 <= float(values[0]) < float(values[1]) <= 1.0:
+        raise ConfigValueError(
+            f"overlay_range must be null or [low, high] with 0 <= low < high <= 1, got {setting}"
+        )
+    return float(values[0]), float(values[1])
 
 
 def refuse_uncalibrated(threshold: dict | None) -> None:
@@ -241,7 +265,8 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     print_config(cfg, Path(cfg.paths.output_dir) / "config_resolved.yaml")
     nfa = module.threshold.significance == "neg_log10_nfa"
     level = None if nfa else module.threshold.level  # calibrated modes: the map value the colour bar marks
-    write = _Writer(output, cfg.raw_map, float(cfg.overlay_alpha), nfa, level)
+    value_range = overlay_range(cfg.get("overlay_range"), module.map_relative_quantile)
+    write = _Writer(output, cfg.raw_map, float(cfg.overlay_alpha), nfa, level, value_range)
     loader = DataLoader(
         _Guarded(files, list(module.image_shape)),
         batch_size=cfg.batch_size,

@@ -277,6 +277,9 @@ def test_evaluate_rethresholds_a_checkpoint_without_retraining(tmp_path):
     for key in ("test/miou", "test/pixel_f1", "test/false_alarm_rate", "test/detection_recall"):
         assert evaluated[key] == pytest.approx(quantile[key], rel=1e-6, nan_ok=True), key
     assert "NormalQuantileThreshold" in (tmp_path / "eval" / "config_resolved.yaml").read_text()
+    # and draws the mode's masks in test panels, as training does
+    panels = sorted(p.name for p in (tmp_path / "eval" / "test_images").glob("*.png"))
+    assert "curves.png" in panels and len(panels) > 1
 
 
 def test_evaluate_recalibrates_at_a_false_alarm_rate_and_reports_what_it_promises(tmp_path):

@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from uflow_exp.callbacks import TestImageLogger
 from uflow_exp.models.uflow.lightning_module import UFlowModule
 from uflow_exp.onnx_runner import apply_backend
 from uflow_exp.thresholds import threshold_override
@@ -112,8 +113,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     datamodule.prepare_data()
     model = load_model(cfg, ckpt, checkpoint if not ours else None, override is not None, rate)
     apply_backend(model, cfg.get("backend", "torch"), cfg.get("onnx_path"), ckpt)
+    # the test panels, as training draws them: the masks of the mode that ran, beside its metrics
+    panels = TestImageLogger(output_dir=str(output_dir / "test_images"))
     trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, logger=instantiate_dict(cfg.get("logger")) or False
+        cfg.trainer, logger=instantiate_dict(cfg.get("logger")) or False, callbacks=[panels]
     )
     # a new mode or rate, or a checkpoint saved before its run calibrated it (a run stopped mid-fit)
     changed = override is not None or rate is not None

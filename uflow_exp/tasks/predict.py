@@ -221,6 +221,13 @@ def overlay_range(setting, relative_quantile: float | None) -> tuple[float, floa
     return float(values[0]), float(values[1])
 
 
+def _writer(cfg: DictConfig, module: UFlowModule, output: Path) -> _Writer:
+    nfa = module.threshold.significance == "neg_log10_nfa"
+    level = None if nfa else module.threshold.level  # calibrated modes: the map value the colour bar marks
+    value_range = overlay_range(cfg.get("overlay_range"), module.map_relative_quantile)
+    return _Writer(output, cfg.raw_map, float(cfg.overlay_alpha), nfa, level, value_range)
+
+
 def refuse_uncalibrated(threshold: dict | None) -> None:
     """A ``threshold=`` mode that needs calibration is refused before anything loads."""
     if threshold and hydra.utils.instantiate(threshold).needs_calibration:
@@ -263,10 +270,7 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     with open_dict(cfg):
         cfg.threshold = dict(module.hparams.threshold)  # what ran, in config_resolved.yaml
     print_config(cfg, Path(cfg.paths.output_dir) / "config_resolved.yaml")
-    nfa = module.threshold.significance == "neg_log10_nfa"
-    level = None if nfa else module.threshold.level  # calibrated modes: the map value the colour bar marks
-    value_range = overlay_range(cfg.get("overlay_range"), module.map_relative_quantile)
-    write = _Writer(output, cfg.raw_map, float(cfg.overlay_alpha), nfa, level, value_range)
+    write = _writer(cfg, module, output)
     loader = DataLoader(
         _Guarded(files, list(module.image_shape)),
         batch_size=cfg.batch_size,

@@ -76,7 +76,8 @@ class UFlow(nn.Module):
             image a feature is, as in CFlow-AD; 0 is the reference, a position-free density.
         feature_pool: average each normalised feature map over ``feature_pool`` x ``feature_pool``
             neighbourhoods (stride 1, the image border not counted) before the flow, so each position
-            carries its local context, as PatchCore aggregates patches; 1 is the reference (none).
+            carries its local context, as PatchCore aggregates patches; 1 is the reference (none). A
+            list gives each scale its own size, finest first (e.g. ``[3, 3, 1, 1]``).
     """
 
     def __init__(
@@ -97,18 +98,16 @@ class UFlow(nn.Module):
         train_norm_affine: bool = True,
         map_blur_sigma: float = 0.0,
         position_channels: int = 0,
-        feature_pool: int = 1,
+        feature_pool: int | Sequence[int] = 1,
     ):
         super().__init__()
         if feature_noise < 0:
             raise ValueError(f"feature_noise must be >= 0, got {feature_noise}")
-        if feature_pool < 1 or feature_pool % 2 == 0:
-            raise ValueError(f"feature_pool must be an odd neighbourhood size >= 1, got {feature_pool}")
-        self.feature_pool = int(feature_pool)
         self.input_shape = as_shape(input_size, "input_size")
         self.feature_noise = float(feature_noise)
         self.map_blur_sigma = float(map_blur_sigma)
         self.feature_extractor = build_feature_extractor(backbone, input_size, pretrained, weights, layers)
+        self.feature_pool = per_scale_pool(feature_pool, len(self.feature_extractor.channels))
         if not train_norm_affine:  # the backbone is frozen already: this leaves the LayerNorms at identity
             self.feature_extractor.requires_grad_(False)
         self.flow = build_uflow_graph(
@@ -162,11 +161,10 @@ class UFlow(nn.Module):
         (as dequantisation does for flows on discrete data); evaluation sees the features as they are.
         """
         features = self.feature_extractor.normalize(raw_features)
-        if self.feature_pool > 1:
-            k = self.feature_pool
-            features = [
-                F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False) for f in features
-            ]
+        features = [
+            f if k == 1 else F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False)
+            for f, k in zip(features, self.feature_pool, strict=True)
+        ]
         if self.training and self.feature_noise > 0:
             features = [
                 f
@@ -240,3 +238,14 @@ class UFlow(nn.Module):
                 "Backbone weights not in the state_dict; kept the %d loaded at construction",
                 len(result.missing_keys),
             )
+
+
+def per_scale_pool(feature_pool: int | Sequence[int], n_scales: int) -> list[int]:
+    """``feature_pool`` as one odd neighbourhood size >= 1 per scale, finest first."""
+    sizes = [feature_pool] * n_scales if isinstance(feature_pool, int) else [int(k) for k in feature_pool]
+    if len(sizes) != n_scales or any(k < 1 or k % 2 == 0 for k in sizes):
+        raise ValueError(
+            f"feature_pool must be an odd neighbourhood size >= 1, or a list of {n_scales} of them (one per "
+            f"scale, finest first), got {feature_pool}"
+        )
+    return sizes

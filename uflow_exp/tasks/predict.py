@@ -119,7 +119,11 @@ def render_overlay(
     jet = colormaps["jet"]
     h, w = mask.shape
     low, high = value_range
-    blended = (1.0 - alpha) * image + alpha * jet(np.clip((amap - low) / (high - low), 0.0, 1.0))[..., :3]
+
+    def share(value):  # where a map value sits in the colour range, clipped to it
+        return np.clip((value - low) / (high - low), 0.0, 1.0)
+
+    blended = (1.0 - alpha) * image + alpha * jet(share(amap))[..., :3]
     thickness = max(1, round(min(h, w) / 200))
     outline = mask & ~binary_erosion(mask, iterations=thickness)
     blended[outline] = 1.0
@@ -141,8 +145,7 @@ def render_overlay(
     canvas.paste(Image.fromarray(bar), (x0, top))
 
     def y_of(value: float) -> int:
-        share = min(max((value - low) / (high - low), 0.0), 1.0)
-        return round(bottom - 1 - share * (bottom - top - 1))
+        return round(bottom - 1 - float(share(value)) * (bottom - top - 1))
 
     marks = [(value, f"{value:g}") for value in (high, (low + high) / 2, low)]
     if threshold is not None:  # its label wins over a fixed tick it would overlap

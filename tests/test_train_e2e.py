@@ -209,20 +209,25 @@ def test_a_float16_feature_cache_moves_losses_and_maps_by_little(tmp_path):
         assert results["float16"][key] == pytest.approx(results["float32"][key], abs=0.01), key
 
 
-def test_evaluate_reproduces_the_test_metrics_of_training(tmp_path):
-    from uflow_exp.tasks.evaluate import evaluate
-
+def _published_tree_run(tmp_path):
+    """A one-epoch run on a small MVTec-layout set under the published tree NFA, its level left to the
+    calibration (a one-epoch model's normal images then score apart; with the default switches they all
+    score the same, below level 0): (data root, its overrides, the run's metrics, last.ckpt)."""
     root = fake_layouts.make_mvtec(tmp_path / "data", n_train=6, size=64)
     data = ["dataset=mvtec", f"dataset.root={root}", "dataset.num_workers=0"]
-    # the published tree NFA, its level left to the calibration: a one-epoch model's normal images then
-    # score apart (with the default switches they all score the same, below level 0)
     published = [
         "threshold.clip_lower_tail=false",
         "threshold.tests_by_size=false",
         "threshold.log_nfa_threshold=-1e6",
     ]
     trained = train(compose_train([*TINY, *data, *published], tmp_path / "run"))
-    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    return root, data, trained, tmp_path / "run" / "checkpoints" / "last.ckpt"
+
+
+def test_evaluate_reproduces_the_test_metrics_of_training(tmp_path):
+    from uflow_exp.tasks.evaluate import evaluate
+
+    _, data, trained, ckpt = _published_tree_run(tmp_path)
     cfg = compose_train([*data, "logger=csv", "trainer=cpu", f"ckpt_path={ckpt}"], tmp_path / "eval", "eval")
     evaluated = evaluate(cfg)
     # the test metrics, and how fast the test ran (as training reports it)
@@ -238,17 +243,7 @@ def test_evaluate_without_a_data_set_takes_the_checkpoints_run_and_says_so(tmp_p
     from uflow_exp.tasks.evaluate import evaluate
     from uflow_exp.utils.checks import ConfigValueError
 
-    root = fake_layouts.make_mvtec(tmp_path / "data", n_train=6, size=64)
-    data = ["dataset=mvtec", f"dataset.root={root}", "dataset.num_workers=0"]
-    # the published tree NFA, its level left to the calibration: a one-epoch model's normal images then
-    # score apart (with the default switches they all score the same, below level 0)
-    published = [
-        "threshold.clip_lower_tail=false",
-        "threshold.tests_by_size=false",
-        "threshold.log_nfa_threshold=-1e6",
-    ]
-    trained = train(compose_train([*TINY, *data, *published], tmp_path / "run"))
-    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    root, _, trained, ckpt = _published_tree_run(tmp_path)
     caplog.set_level("INFO")
     evaluated = evaluate(
         compose_train(["logger=csv", "trainer=cpu", f"ckpt_path={ckpt}"], tmp_path / "eval", "eval")

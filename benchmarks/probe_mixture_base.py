@@ -4,8 +4,8 @@ Run: .venv/bin/python benchmarks/probe_mixture_base.py RUN_DIR [RUN_DIR ...] [--
 [--source train|val], each RUN_DIR a training run's folder (as `bench_accuracy.py --keep DIR` leaves in
 DIR/<case>/run_seed<S>/). For each run, the best checkpoint's latents of the normal training (or
 validation) images are pooled per latent scale and a diagonal Gaussian mixture is fitted to them by EM.
-The test maps are then scored twice, both against each image's 0.8 level as the default is: with the
-standard normal the flow was trained towards (the method's map, the run's own result) and with the
+The test maps are then scored twice, both as the run's own map is (the default: against each image's
+0.8 level): with the standard normal the flow was trained towards (the run's own result) and with the
 mixture, whose per-position negative log-likelihood per channel replaces 0.5 mean_c z^2. Prints pixel
 AUROC / AUPRO@0.3 of both. The NFA is untouched (it needs the standard normal).
 
@@ -27,7 +27,7 @@ from bench_maps import test_latents
 from omegaconf import OmegaConf
 
 from uflow_exp.metrics import PixelAUPRO, PixelAUROC
-from uflow_exp.models.uflow.anomaly_map import relative_map
+from uflow_exp.models.uflow.anomaly_map import anomaly_map, relative_map
 from uflow_exp.models.uflow.lightning_module import UFlowModule
 
 FIT_POINTS = 60_000  # latent vectors per scale the mixture is fitted on (a random subset)
@@ -40,16 +40,13 @@ def fit_latents(module: UFlowModule, run: Path, source: str) -> list[torch.Tenso
     datamodule.prepare_data()
     datamodule.setup("fit")
     loader = datamodule.train_dataloader() if source == "train" else datamodule.val_dataloader()
-    per_scale: list[list[torch.Tensor]] = []
+    batches = []
     with torch.inference_mode():
         for batch in loader:
             normal = ~module._eval_masks(batch).flatten(1).any(1)
             z, _ = module._latents(batch, jac=False)
-            for s, zs in enumerate(z):
-                if len(per_scale) <= s:
-                    per_scale.append([])
-                per_scale[s].append(zs[normal].permute(0, 2, 3, 1).reshape(-1, zs.shape[1]).clone())
-    return [torch.cat(vectors) for vectors in per_scale]
+            batches.append([zs[normal].permute(0, 2, 3, 1).reshape(-1, zs.shape[1]) for zs in z])
+    return [torch.cat(scale) for scale in zip(*batches, strict=True)]
 
 
 def log_likelihoods(x: torch.Tensor, mixture: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -88,20 +85,26 @@ def mixture_likelihood(zs: torch.Tensor, mixture: tuple[torch.Tensor, ...]) -> t
     return torch.exp(-excess.clamp(min=-20.0)).reshape(b, 1, h, w)
 
 
-def merged(likelihoods: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+def mixture_map(likelihoods: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """``anomaly_map``'s merge (one minus the mean of the upsampled likelihoods) of the mixture's
+    likelihoods, which can exceed 1 where a latent is likelier than the standard normal's centre."""
     up = [F.interpolate(p, size=size, mode="bilinear", align_corners=False) for p in likelihoods]
-    return relative_map((1.0 - torch.stack(up, dim=-1).mean(dim=-1)).clamp(0.0, 1.0), 0.8)
+    return (1.0 - torch.stack(up, dim=-1).mean(dim=-1)).clamp(0.0, 1.0)
 
 
-def probe(run: Path, components: int, source: str) -> tuple[float, float, float, float]:
+def probe(run: Path, components: int, source: str) -> tuple[float, ...]:
     module, batches = test_latents(run)
     mixtures = [fit_mixture(x, components) for x in fit_latents(module, run, source)]
+    quantile = module.map_relative_quantile  # both maps as the run's own map is: relative to its level or not
+
+    def as_run(amap: torch.Tensor) -> torch.Tensor:
+        return amap if quantile is None else relative_map(amap, quantile)
+
     metrics = [PixelAUROC(), PixelAUPRO(), PixelAUROC(), PixelAUPRO()]
     for z, mask, _ in batches:
-        standard = merged([torch.exp(-0.5 * zs.pow(2).mean(1, keepdim=True)) for zs in z], module.map_shape)
-        mixture = merged(
-            [mixture_likelihood(zs, m) for zs, m in zip(z, mixtures, strict=True)], module.map_shape
-        )
+        standard = as_run(anomaly_map(z, module.map_shape))
+        likelihoods = [mixture_likelihood(zs, m) for zs, m in zip(z, mixtures, strict=True)]
+        mixture = as_run(mixture_map(likelihoods, module.map_shape))
         for metric, amap in zip(metrics, (standard, standard, mixture, mixture), strict=True):
             metric.update(amap, mask)
     return tuple(float(metric.compute()) for metric in metrics)

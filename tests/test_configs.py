@@ -123,6 +123,8 @@ def test_paper_recipe_on_any_backbone(tmp_path):
     cfg = compose_train(["experiment=paper", "backbone=resnet18"], tmp_path)
     assert (cfg.trainer.max_epochs, cfg.model.optimizer.lr, cfg.flow.feature_noise) == (200, 1e-4, 0.0)
     assert cfg.backbone.layers == [1, 2, 3]
+    # the authors' flow and map: no positions, no pooling, the standard normal base
+    assert (cfg.flow.position_channels, cfg.flow.feature_pool, cfg.flow.base_mixture_components) == (0, 1, 0)
     assert cfg.threshold._target_.endswith("NFATreeThreshold")
     # the tree NFA as published: none of the corrections
     threshold = cfg.threshold

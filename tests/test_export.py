@@ -33,8 +33,9 @@ def _torch_and_onnx_maps(module: UFlowModule, path: Path, batch_size: int) -> tu
     import onnxruntime as ort
 
     images = torch.randn(batch_size, 3, 64, 64, generator=torch.Generator().manual_seed(batch_size))
-    with torch.no_grad():
-        expected = AnomalyMapNet(module.model.eval(), module.eval_size)(images)[0].numpy()
+    model = module.model.eval()
+    with torch.no_grad():  # the torch path's map, as the module tests and predicts with it
+        expected = model.anomaly_map(model(images)[0], module.eval_size).numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (got,) = session.run(["anomaly_map"], {"images": images.numpy()})
     return expected, got
@@ -71,13 +72,20 @@ def test_onnx_map_matches_torch_for_any_batch_size(checkpoint, tmp_path):
 
 
 @needs_onnx
-def test_positional_conditions_are_part_of_the_graph(checkpoint, tmp_path):
-    # flow.position_channels: the encoding is a buffer, not a graph input; it must follow the batch
+@pytest.mark.parametrize(
+    "override", ["flow.position_channels=4", "flow.base_mixture_components=4"], ids=["positions", "mixture"]
+)
+def test_positional_conditions_and_the_base_mixture_are_part_of_the_graph(checkpoint, tmp_path, override):
+    # buffers, not graph inputs: the encoding must follow the batch, the fitted mixture score the map
     root = checkpoint.parents[2] / "data"
-    overrides = [*TINY, "dataset=mvtec", f"dataset.root={root}", "test=false", "flow.position_channels=4"]
-    train(compose_train(overrides, tmp_path / "run"))
+    train(
+        compose_train(
+            [*TINY, "dataset=mvtec", f"dataset.root={root}", "test=false", override], tmp_path / "run"
+        )
+    )
     module = UFlowModule.from_checkpoint(str(tmp_path / "run" / "checkpoints" / "last.ckpt"))
-    assert module.model.position_0.shape[0] == 4
+    model = module.model
+    assert model.position_0.shape[0] == 4 if "position" in override else model.base_mixture.is_fitted()
     path = export_onnx(module, tmp_path / "model.onnx")
     for batch_size in (2, 3):
         expected, got = _torch_and_onnx_maps(module, path, batch_size)

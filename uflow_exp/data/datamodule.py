@@ -314,11 +314,7 @@ class AnomalyDataModule(L.LightningDataModule):
         ``setup``), in the data set's order: Lightning's ``limit_train_batches`` is a count of
         batches or a share of them, and each epoch's batches come from the seeded permutation of
         `EpochSeededSampler`, so the images a limited run will ever see are known before it starts."""
-        if self.train_dataset is None:
-            raise RuntimeError("call setup() before asking for the training images")
-        length = len(self.train_dataset)  # samples: images, or their tiles
-        batches = -(-length // self.batch_size)
-        batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+        batches = self.training_batches(limit)
         sampler = self._training_sampler(self.train_dataset)
         drawn: set[int] = set()
         for epoch in range(epochs):
@@ -326,6 +322,14 @@ class AnomalyDataModule(L.LightningDataModule):
             drawn.update(list(sampler)[: batches * self.batch_size])
         chosen = {id(self.train_dataset.record_of(i)) for i in drawn}  # a tile draws its image
         return [record for record in self.train_dataset.records if id(record) in chosen]
+
+    def training_batches(self, limit: int | float) -> int:
+        """The training batches an epoch reads under Lightning's ``limit_train_batches`` (a count of
+        batches or a share of them; after ``setup``)."""
+        if self.train_dataset is None:
+            raise RuntimeError("call setup() before asking for the training images")
+        batches = -(-len(self.train_dataset) // self.batch_size)  # samples: images, or their tiles
+        return min(batches, limit) if isinstance(limit, int) else int(batches * limit)
 
     def serve_features(self, features: FeatureLookup) -> None:
         """From now on the training and validation loaders yield each image's stored features

@@ -179,24 +179,68 @@ def continue_records(cfg: DictConfig, ckpt_path: str, run_dir: Path | None) -> N
             wandb.id, wandb.resume = run_id, "allow"
 
 
-def calibrate_kept_checkpoints(trainer: L.Trainer, model: UFlowModule, datamodule: AnomalyDataModule) -> None:
-    """Calibrate the threshold of each checkpoint the fit kept (the last and the best) on the
-    validation images, and store the result in the file: the fit's validations skip it, since only
-    the tested checkpoint's level is ever used. Without checkpoint files, the model in memory."""
+def _store_in_checkpoint(path: str, prefix: str, module: torch.nn.Module) -> None:
+    """Write ``module``'s state into the checkpoint file at ``path`` under ``prefix``."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    for key, value in module.state_dict().items():
+        checkpoint["state_dict"][f"{prefix}.{key}"] = value.detach().cpu().clone()
+    torch.save(checkpoint, path)
+
+
+def _fit_checkpoint_mixture(
+    trainer: L.Trainer, model: UFlowModule, datamodule: AnomalyDataModule, path: str | None, done: dict
+) -> None:
+    """Load the checkpoint at ``path`` (None: the model as it is) into ``model``, fit its base mixture
+    to the training latents and store it in the file. ``done`` maps the global steps fitted so far to
+    their mixtures: the best checkpoint is often the last one, and its flow is not fitted twice."""
+    step = None
+    if path is not None:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(checkpoint["state_dict"])
+        step = checkpoint["global_step"]
+    mixture = model.model.base_mixture
+    if step is not None and step in done:
+        mixture.load_state_dict(done[step])
+    else:
+        model.to(trainer.strategy.root_device)
+        # the batches of the first epoch: images the feature cache holds (of a limited run, too)
+        batches = datamodule.training_batches(trainer.limit_train_batches)
+        model.fit_base_mixture(datamodule.train_dataloader(), batches)
+        done[step] = {k: v.clone() for k, v in mixture.state_dict().items()}
+    if path is not None and trainer.is_global_zero:
+        _store_in_checkpoint(path, "model.base_mixture", mixture)
+    trainer.strategy.barrier("base_mixture")
+
+
+def finish_kept_checkpoints(trainer: L.Trainer, model: UFlowModule, datamodule: AnomalyDataModule) -> None:
+    """Complete each checkpoint the fit kept (the last and the best) with what needs the trained flow,
+    and store it in the file: the base mixture fitted to the training latents
+    (``flow.base_mixture_components``), then the threshold calibrated on the validation images. The
+    fit's validations skip both, since only the tested checkpoint's are ever used. Without checkpoint
+    files, the model in memory."""
+    mixture, calibrate = model.model.base_mixture is not None, model.threshold.needs_calibration
+    if not (mixture or calibrate):
+        return
     callback = trainer.checkpoint_callback
     paths = [] if callback is None else [callback.last_model_path, callback.best_model_path]
     paths = list(dict.fromkeys(p for p in paths if p and Path(p).is_file()))  # the best one last
     model.calibrate_in_validation = True
+    start, fitted = time.perf_counter(), {}
     for path in paths or [None]:
-        trainer.validate(model, datamodule=datamodule, ckpt_path=path, weights_only=True, verbose=False)
-        if path is not None and trainer.is_global_zero:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-            for key, value in model.threshold.state_dict().items():
-                checkpoint["state_dict"][f"threshold.{key}"] = value.detach().cpu().clone()
-            torch.save(checkpoint, path)
-        trainer.strategy.barrier("threshold_calibration")
-    log.info("Threshold %s calibrated on the validation images: level %.4g",
-             type(model.threshold).__name__, model.threshold.level)  # fmt: skip
+        if mixture:
+            _fit_checkpoint_mixture(trainer, model, datamodule, path, fitted)
+        if calibrate:
+            trainer.validate(model, datamodule=datamodule, ckpt_path=path, weights_only=True, verbose=False)
+            if path is not None and trainer.is_global_zero:
+                _store_in_checkpoint(path, "threshold", model.threshold)
+            trainer.strategy.barrier("threshold_calibration")
+    if mixture:
+        log.info("Base mixture of %d Gaussians per scale fitted to the training latents of %d flows",
+                 model.model.base_mixture.components, len(fitted))  # fmt: skip
+    if calibrate:
+        log.info("Threshold %s calibrated on the validation images: level %.4g",
+                 type(model.threshold).__name__, model.threshold.level)  # fmt: skip
+    log.info("Checkpoints completed in %.1f s", time.perf_counter() - start)
 
 
 def take_data_shape(cfg: DictConfig, datamodule: AnomalyDataModule, config_file: Path) -> None:
@@ -262,8 +306,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             log.error(_interrupted_message(trainer))
             raise SystemExit(SIGTERM_EXIT_CODE) from None
         metrics |= {k: v for k, v in trainer.callback_metrics.items() if not k.startswith("test/")}
-        if model.threshold.needs_calibration:
-            calibrate_kept_checkpoints(trainer, model, datamodule)
+        finish_kept_checkpoints(trainer, model, datamodule)
         metrics["time/fit_s"] = time.perf_counter() - start
     if cfg.get("test"):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""

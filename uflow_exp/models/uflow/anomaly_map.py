@@ -12,22 +12,30 @@ from torchvision.transforms.functional import gaussian_blur
 from uflow_exp.utils.shapes import as_shape
 
 
+def standard_likelihood(zs: torch.Tensor) -> torch.Tensor:
+    """The method's per-position likelihood of a scale's latents (B, C, h, w): ``exp(-0.5 mean_c z^2)``,
+    the standard normal's density per channel relative to its peak, as a (B, 1, h, w) map in (0, 1]."""
+    return torch.exp(-0.5 * zs.pow(2).mean(dim=1, keepdim=True))
+
+
 def anomaly_map(
     z: Sequence[torch.Tensor], size: int | tuple[int, int], blur_sigma: float = 0.0
 ) -> torch.Tensor:
     """``1 - mean_s upsample(exp(-0.5 * mean_c z_s^2))`` as a (B, 1, H, W) map in [0, 1] (``size``:
-    H = W, or (H, W)),
-    smoothed by a Gaussian of ``blur_sigma`` pixels (at ``size``) when it is positive (0: the reference)."""
+    H = W, or (H, W)), smoothed by a Gaussian of ``blur_sigma`` pixels (at ``size``) when it is
+    positive (0: the reference)."""
+    return merged_map([standard_likelihood(zs) for zs in z], size, blur_sigma)
+
+
+def merged_map(
+    likelihoods: Sequence[torch.Tensor], size: int | tuple[int, int], blur_sigma: float = 0.0
+) -> torch.Tensor:
+    """One minus the mean of the scales' (B, 1, h, w) likelihood maps upsampled to ``size``, clipped at 0
+    (a base mixture's likelihood may exceed 1: `base_mixture`), then blurred as ``anomaly_map`` says."""
     probabilities = [
-        F.interpolate(
-            torch.exp(-0.5 * zs.pow(2).mean(dim=1, keepdim=True)),
-            size=as_shape(size),
-            mode="bilinear",
-            align_corners=False,
-        )
-        for zs in z
+        F.interpolate(p, size=as_shape(size), mode="bilinear", align_corners=False) for p in likelihoods
     ]
-    amap = 1.0 - torch.stack(probabilities, dim=-1).mean(dim=-1)
+    amap = (1.0 - torch.stack(probabilities, dim=-1).mean(dim=-1)).clamp(min=0.0)
     if blur_sigma > 0:
         radius = max(1, int(4 * blur_sigma + 0.5))  # the kernel reaches 4 sigma, as scipy's does
         amap = gaussian_blur(amap, [2 * radius + 1] * 2, [float(blur_sigma)] * 2)

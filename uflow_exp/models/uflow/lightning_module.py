@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import logging
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -12,6 +13,7 @@ import hydra
 import lightning as L
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch.utils.data import DataLoader
 
 from uflow_exp.metrics import AnomalyMetrics
 from uflow_exp.models.uflow.anomaly_map import relative_map
@@ -67,7 +69,7 @@ class UFlowModule(L.LightningModule):
         backbone: ``{name, input_size, pretrained, weights, layers}``.
         flow: ``{flow_steps, affine_clamp, subnet_channels_ratio, subnet_kernel, permute_soft,
             compile_coupling, feature_noise, train_norm_affine, map_blur_sigma, position_channels,
-            feature_pool}`` (keyword arguments of ``UFlow``).
+            feature_pool, base_mixture_components}`` (keyword arguments of ``UFlow``).
         threshold: a ``_target_`` config of a ``uflow_exp.thresholds.Threshold``.
         optimizer: a ``_partial_`` optimizer config (called with the trainable parameters).
         scheduler: a ``_partial_`` scheduler config, stepped after every optimizer step, or None; a
@@ -205,6 +207,28 @@ class UFlowModule(L.LightningModule):
         except (ValueError, RuntimeError) as error:
             raise ConfigValueError(f"threshold.false_alarm_rate={rate} ({mode}): {error}") from None
         self.hparams.threshold = {**_plain(self.hparams.threshold), "false_alarm_rate": float(rate)}
+
+    def fit_base_mixture(self, loader: DataLoader, batches: int | None = None) -> None:
+        """Fit the model's base mixture (``flow.base_mixture_components``) to the latents of the normal
+        training images: the first ``batches`` batches of ``loader`` (None: all; the training loader:
+        the images, or tiles, the fit drew, their cached features where the fit read those). Each
+        batch's positions are kept with the chance that leaves about ``fit_points`` latent vectors per
+        scale in all, drawn from a seeded generator, so the same run fits the same mixture."""
+        mixture = self.model.base_mixture
+        images = (
+            len(loader.dataset) if batches is None else min(len(loader.dataset), batches * loader.batch_size)
+        )
+        generator = torch.Generator().manual_seed(0)
+        samples: list[list[torch.Tensor]] = [[] for _ in mixture.channels]
+        self.eval()
+        with torch.inference_mode():
+            for batch in itertools.islice(loader, batches):  # stops before reading a batch it does not use
+                z, _ = self._latents(self.transfer_batch_to_device(batch, self.device, 0), jac=False)
+                for kept, zs in zip(samples, z, strict=True):
+                    vectors = zs.permute(0, 2, 3, 1).reshape(-1, zs.shape[1]).float().cpu()
+                    share = mixture.fit_points / (images * zs.shape[2] * zs.shape[3])
+                    kept.append(vectors[torch.rand(len(vectors), generator=generator) < share])
+        mixture.fit([torch.cat(scale) for scale in samples])
 
     # -- steps -------------------------------------------------------------------------------------
     def _latents(

@@ -13,7 +13,8 @@ from torch import nn
 
 from uflow_exp.utils.shapes import as_shape
 
-from .anomaly_map import anomaly_map
+from .anomaly_map import anomaly_map, merged_map
+from .base_mixture import LatentMixture
 from .feature_extraction import build_feature_extractor
 from .flow import build_uflow_graph
 
@@ -78,6 +79,10 @@ class UFlow(nn.Module):
             neighbourhoods (stride 1, the image border not counted) before the flow, so each position
             carries its local context, as PatchCore aggregates patches; 1 is the reference (none). A
             list gives each scale its own size, finest first (e.g. ``[3, 3, 1, 1]``).
+        base_mixture_components: score the latents of the anomaly map with a mixture of that many
+            diagonal Gaussians per scale, fitted to the normal training latents once the flow is trained
+            (``base_mixture``; `LatentMixture`), instead of the standard normal; 0 is the reference.
+            Until it is fitted, and always for the NFA, the standard normal.
     """
 
     def __init__(
@@ -99,6 +104,7 @@ class UFlow(nn.Module):
         map_blur_sigma: float = 0.0,
         position_channels: int = 0,
         feature_pool: int | Sequence[int] = 1,
+        base_mixture_components: int = 0,
     ):
         super().__init__()
         if feature_noise < 0:
@@ -121,6 +127,12 @@ class UFlow(nn.Module):
             fast=fast_flow,
             compile_coupling=compile_coupling,
             position_channels=position_channels,
+        )
+        # each latent scale's channels (finest first, as ``encode`` returns them) size its mixture
+        self.base_mixture = (
+            LatentMixture([node.input_dims[0][0] for node in self.flow.out_nodes], base_mixture_components)
+            if base_mixture_components
+            else None
         )
         # not saved: a function of the configuration, so checkpoints keep the reference's keys
         self._positions: list[str] = []
@@ -187,7 +199,16 @@ class UFlow(nn.Module):
     def anomaly_map(
         self, z: Sequence[torch.Tensor], size: int | tuple[int, int] | None = None
     ) -> torch.Tensor:
-        return anomaly_map(z, self.input_shape if size is None else size, self.map_blur_sigma)
+        """The anomaly map of latents ``z``: every scale's, or the coarsest ``len(z)`` scales', at
+        ``size`` (None: the input's), scored by the fitted base mixture if there is one, in float32."""
+        size = self.input_shape if size is None else size
+        # in float32 whatever the trainer's autocast: the mixture's and the blur's convolutions would
+        # otherwise run in bfloat16 under trainer.precision=bf16-mixed, and the maps depend on it
+        with torch.autocast(z[0].device.type, enabled=False):
+            z = [zs.float() for zs in z]
+            if self.base_mixture is None or not self.base_mixture.is_fitted():
+                return anomaly_map(z, size, self.map_blur_sigma)
+            return merged_map(self.base_mixture.likelihoods(z), size, self.map_blur_sigma)
 
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         return self.encode(self.normalize(self.extract(images)))
@@ -221,22 +242,26 @@ class UFlow(nn.Module):
             if module in self.feature_extractor.backbone_modules()
             for key in module.state_dict()
         }
-        missing = [k for k in result.missing_keys if k not in backbone_keys]
+        # the authors' checkpoints have no base mixture: it stays unfitted (the standard normal)
+        missing = [
+            k for k in result.missing_keys if k not in backbone_keys and not k.startswith("base_mixture.")
+        ]
+        backbone_missing = [k for k in result.missing_keys if k in backbone_keys]
         if missing or result.unexpected_keys:
             raise KeyError(
                 f"state_dict does not fit this UFlow: missing {missing[:5]} ({len(missing)}), "
                 f"unexpected {result.unexpected_keys[:5]} ({len(result.unexpected_keys)}); "
                 "check backbone, input_size and flow_steps"
             )
-        if result.missing_keys and require_backbone:
+        if backbone_missing and require_backbone:
             raise KeyError(
-                f"state_dict lacks {len(result.missing_keys)} backbone tensors "
-                f"(e.g. {result.missing_keys[0]}); a released checkpoint must carry its backbone"
+                f"state_dict lacks {len(backbone_missing)} backbone tensors "
+                f"(e.g. {backbone_missing[0]}); a released checkpoint must carry its backbone"
             )
-        if result.missing_keys:
+        if backbone_missing:
             log.info(
                 "Backbone weights not in the state_dict; kept the %d loaded at construction",
-                len(result.missing_keys),
+                len(backbone_missing),
             )
 
 

@@ -178,10 +178,10 @@ def test_peak_rss_is_the_commands_own_not_the_benchmarks(bench_peers):
 
 
 def test_map_variants_start_from_what_the_run_tested(tmp_path):
-    """bench_maps on a trained run: its `relative 0.8` row (the default map, `model.map_relative_quantile:
-    0.8`) and its `mean p, scales 2-3` row (the map the default image score, `model.image_score_scales:
-    2`, is the maximum of) are the run's own test result, from the same best checkpoint; the other
-    variants are other maps of it."""
+    """bench_maps on a trained run (its base mixture included): its `relative 0.8` row (the default map,
+    `model.map_relative_quantile: 0.8`) and its `mean p, scales 2-3` row (the map the default image
+    score, `model.image_score_scales: 2`, is the maximum of) are the run's own test result, from the
+    same best checkpoint; the other variants are other maps of it."""
     import json
 
     from tests import fake_layouts

@@ -13,7 +13,7 @@ from torch import nn
 
 from uflow_exp.utils.shapes import as_shape
 
-from .anomaly_map import anomaly_map, merged_map
+from .anomaly_map import merged_map, standard_likelihood
 from .base_mixture import LatentMixture
 from .feature_extraction import build_feature_extractor
 from .flow import build_uflow_graph
@@ -205,10 +205,16 @@ class UFlow(nn.Module):
         # in float32 whatever the trainer's autocast: the mixture's and the blur's convolutions would
         # otherwise run in bfloat16 under trainer.precision=bf16-mixed, and the maps depend on it
         with torch.autocast(z[0].device.type, enabled=False):
+            return merged_map(self.likelihoods(z), size, self.map_blur_sigma)
+
+    def likelihoods(self, z: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each scale's (B, 1, h, w) likelihood map of latents ``z`` (every scale, or the coarsest
+        ``len(z)``), in float32: the fitted base mixture's, else the standard normal's."""
+        with torch.autocast(z[0].device.type, enabled=False):
             z = [zs.float() for zs in z]
             if self.base_mixture is None or not self.base_mixture.is_fitted():
-                return anomaly_map(z, size, self.map_blur_sigma)
-            return merged_map(self.base_mixture.likelihoods(z), size, self.map_blur_sigma)
+                return [standard_likelihood(zs) for zs in z]
+            return self.base_mixture.likelihoods(z)
 
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         return self.encode(self.normalize(self.extract(images)))

@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test test-all lint format bench bench-accuracy bench-fit bench-maps bench-peers bench-predict-memory gpu-wheels clean
+.PHONY: install run test test-all lint format bench bench-accuracy bench-fit bench-maps bench-mixture bench-peers bench-predict-memory gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ bench-fit: $(STAMP)
 # map and image-score variants of trained runs, without retraining: make bench-maps ARGS="RUN_DIR ..."
 bench-maps: $(STAMP)
 	$(PY) benchmarks/bench_maps.py $(ARGS)
+
+# the base mixture refitted on trained runs with other settings: make bench-mixture ARGS="RUN_DIR ..."
+bench-mixture: $(STAMP)
+	$(PY) benchmarks/bench_mixture.py $(ARGS)
 
 # wheels the GPU machine lacks, for benchmarks/gpu_check.sh (carried there as .whl/)
 gpu-wheels: $(STAMP)

@@ -1,6 +1,7 @@
 """The benchmark scripts run and print their tables (tiny sizes; the numbers are not checked here:
 speed is measured by `make bench`, never in tests)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -177,25 +178,28 @@ def test_peak_rss_is_the_commands_own_not_the_benchmarks(bench_peers):
         bench_peers.measured([sys.executable, "-c", "raise SystemExit(3)"])
 
 
-def test_map_variants_start_from_what_the_run_tested(tmp_path):
-    """bench_maps on a trained run (its base mixture included): its `relative 0.8` row (the default map,
-    `model.map_relative_quantile: 0.8`) and its `mean p, scales 2-3` row (the map the default image
-    score, `model.image_score_scales: 2`, is the maximum of) are the run's own test result, from the
-    same best checkpoint; the other variants are other maps of it."""
-    import json
-
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    """A two-epoch tiny run with the default map (base mixture, relative level, coarse-scale score)."""
     from tests import fake_layouts
     from tests.framework_helpers import TINY, compose_train
     from uflow_exp.tasks.train import train
 
-    root = fake_layouts.make_mvtec(tmp_path / "data", n_train=8, size=64)
+    tmp = tmp_path_factory.mktemp("trained")
+    root = fake_layouts.make_mvtec(tmp / "data", n_train=8, size=64)
     train(
-        compose_train(
-            [*TINY, "dataset=mvtec", f"dataset.root={root}", "trainer.max_epochs=2"], tmp_path / "run"
-        )
+        compose_train([*TINY, "dataset=mvtec", f"dataset.root={root}", "trainer.max_epochs=2"], tmp / "run")
     )
-    tested = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    out = run(sys.executable, "benchmarks/bench_maps.py", str(tmp_path / "run"))
+    return tmp / "run"
+
+
+def test_map_variants_start_from_what_the_run_tested(trained_run):
+    """bench_maps on a trained run (its base mixture included): its `relative 0.8` row (the default map,
+    `model.map_relative_quantile: 0.8`) and its `mean p, scales 2-3` row (the map the default image
+    score, `model.image_score_scales: 2`, is the maximum of) are the run's own test result, from the
+    same best checkpoint; the other variants are other maps of it."""
+    tested = json.loads((trained_run / "metrics.json").read_text())
+    out = run(sys.executable, "benchmarks/bench_maps.py", str(trained_run))
     rows = {
         r[0]: [float(c) for c in r[1:]]
         for r in table_rows(out, "")
@@ -209,6 +213,15 @@ def test_map_variants_start_from_what_the_run_tested(tmp_path):
     mean_p = rows["mean p"]
     assert rows["mean p, scales 2-3"][2] == pytest.approx(tested["test/image_auroc"], abs=1e-3)
     assert rows["product p + blur 4"] != mean_p and all(0 <= v <= 1 for r in rows.values() for v in r)
+
+
+def test_a_refitted_mixture_of_the_runs_own_size_is_the_runs_own_result(trained_run):
+    tested = json.loads((trained_run / "metrics.json").read_text())
+    out = run(sys.executable, "benchmarks/bench_mixture.py", str(trained_run), "--components", "32", "2")
+    rows = {int(r[1]): [float(c) for c in r[2:]] for r in table_rows(out, str(trained_run))}
+    own = [tested[f"test/{key}"] for key in ("pixel_auroc", "pixel_aupro", "image_auroc")]
+    assert rows[32] == pytest.approx(own, abs=1e-3)
+    assert rows[2] != rows[32]  # another mixture: another map
 
 
 def test_tradeoff_figure_lists_every_level_the_calibration_can_take(tmp_path):

@@ -179,37 +179,31 @@ def continue_records(cfg: DictConfig, ckpt_path: str, run_dir: Path | None) -> N
             wandb.id, wandb.resume = run_id, "allow"
 
 
-def _store_in_checkpoint(path: str, prefix: str, module: torch.nn.Module) -> None:
-    """Write ``module``'s state into the checkpoint file at ``path`` under ``prefix``."""
+def _store_in_checkpoint(path: str, parts: dict[str, torch.nn.Module]) -> None:
+    """Write each module's state into the checkpoint file at ``path`` under its prefix (one read, one
+    write)."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    for key, value in module.state_dict().items():
-        checkpoint["state_dict"][f"{prefix}.{key}"] = value.detach().cpu().clone()
+    for prefix, module in parts.items():
+        for key, value in module.state_dict().items():
+            checkpoint["state_dict"][f"{prefix}.{key}"] = value.detach().cpu().clone()
     torch.save(checkpoint, path)
 
 
-def _fit_checkpoint_mixture(
-    trainer: L.Trainer, model: UFlowModule, datamodule: AnomalyDataModule, path: str | None, done: dict
+def _fit_mixture(
+    trainer: L.Trainer, model: UFlowModule, datamodule: AnomalyDataModule, step: int | None, done: dict
 ) -> None:
-    """Load the checkpoint at ``path`` (None: the model as it is) into ``model``, fit its base mixture
-    to the training latents and store it in the file. ``done`` maps the global steps fitted so far to
-    their mixtures: the best checkpoint is often the last one, and its flow is not fitted twice."""
-    step = None
-    if path is not None:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(checkpoint["state_dict"])
-        step = checkpoint["global_step"]
+    """Fit the model's base mixture to the training latents, unless the flow of global ``step`` was
+    fitted already: ``done`` maps the steps fitted so far to their mixtures (the best checkpoint is
+    often the last one)."""
     mixture = model.model.base_mixture
     if step is not None and step in done:
         mixture.load_state_dict(done[step])
-    else:
-        model.to(trainer.strategy.root_device)
-        # the batches of the first epoch: images the feature cache holds (of a limited run, too)
-        batches = datamodule.training_batches(trainer.limit_train_batches)
-        model.fit_base_mixture(datamodule.train_dataloader(), batches)
-        done[step] = {k: v.clone() for k, v in mixture.state_dict().items()}
-    if path is not None and trainer.is_global_zero:
-        _store_in_checkpoint(path, "model.base_mixture", mixture)
-    trainer.strategy.barrier("base_mixture")
+        return
+    model.to(trainer.strategy.root_device)
+    # the batches of the first epoch: images the feature cache holds (of a limited run, too)
+    batches = datamodule.training_batches(trainer.limit_train_batches)
+    model.fit_base_mixture(datamodule.train_dataloader(), batches)
+    done[step] = {k: v.clone() for k, v in mixture.state_dict().items()}
 
 
 def finish_kept_checkpoints(trainer: L.Trainer, model: UFlowModule, datamodule: AnomalyDataModule) -> None:
@@ -227,13 +221,21 @@ def finish_kept_checkpoints(trainer: L.Trainer, model: UFlowModule, datamodule: 
     model.calibrate_in_validation = True
     start, fitted = time.perf_counter(), {}
     for path in paths or [None]:
+        step = None
+        if path is not None:  # the checkpoint's weights, read once for both parts
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(checkpoint["state_dict"])
+            step = checkpoint["global_step"]
+        parts = {}
         if mixture:
-            _fit_checkpoint_mixture(trainer, model, datamodule, path, fitted)
-        if calibrate:
-            trainer.validate(model, datamodule=datamodule, ckpt_path=path, weights_only=True, verbose=False)
-            if path is not None and trainer.is_global_zero:
-                _store_in_checkpoint(path, "threshold", model.threshold)
-            trainer.strategy.barrier("threshold_calibration")
+            _fit_mixture(trainer, model, datamodule, step, fitted)
+            parts["model.base_mixture"] = model.model.base_mixture
+        if calibrate:  # the model as it stands: the checkpoint's flow, its mixture fitted
+            trainer.validate(model, datamodule=datamodule, verbose=False)
+            parts["threshold"] = model.threshold
+        if path is not None and trainer.is_global_zero:
+            _store_in_checkpoint(path, parts)
+        trainer.strategy.barrier("finish_kept_checkpoints")
     if mixture:
         log.info("Base mixture of %d Gaussians per scale fitted to the training latents of %d flows",
                  model.model.base_mixture.components, len(fitted))  # fmt: skip

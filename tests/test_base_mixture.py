@@ -14,6 +14,7 @@ from uflow_exp.models.uflow.base_mixture import LatentMixture
 from uflow_exp.models.uflow.lightning_module import UFlowModule
 from uflow_exp.models.uflow.model import UFlow
 from uflow_exp.tasks.train import train
+from uflow_exp.thresholds import _NFAThreshold
 
 
 def _mixture(channels: int, components: int, seed: int = 0) -> LatentMixture:
@@ -129,17 +130,20 @@ def test_training_fits_the_mixture_of_the_tested_checkpoint_and_evaluation_reads
 
     root = fake_layouts.make_mvtec(tmp_path / "data", n_train=6, size=64)
     data = ["dataset=mvtec", f"dataset.root={root}", "flow.base_mixture_components=4"]
-    fits = []
-    fit = UFlowModule.fit_base_mixture
+    fits, calibrations = [], []
+    fit, calibrate = UFlowModule.fit_base_mixture, _NFAThreshold.calibrate
     monkeypatch.setattr(UFlowModule, "fit_base_mixture", lambda self, *a: fits.append(1) or fit(self, *a))
+    monkeypatch.setattr(_NFAThreshold, "calibrate", lambda self: calibrations.append(1) or calibrate(self))
     trained = train(compose_train([*TINY, *data], tmp_path / "run"))
     monkeypatch.undo()
     best, last = sorted((tmp_path / "run" / "checkpoints").glob("*.ckpt"))  # epoch_000.ckpt, last.ckpt
     modules = [UFlowModule.from_checkpoint(str(path)) for path in (best, last)]
     assert all(module.model.base_mixture.is_fitted() for module in modules)
-    # one epoch: the best checkpoint is the last one, whose flow is fitted once for both files
-    assert len(fits) == 1
+    # one epoch: the best checkpoint is the last one, whose flow is fitted and calibrated once for both
+    assert len(fits) == 1 and len(calibrations) == 1
     assert torch.equal(modules[0].model.base_mixture.mean_2, modules[1].model.base_mixture.mean_2)
+    levels = [module.threshold.calibrated_level for module in modules]
+    assert torch.isfinite(levels[0]) and torch.equal(levels[0], levels[1])
     # the stored mixture is the one this checkpoint's flow fits to the training latents, again
     module = modules[-1]
     stored = {k: v.clone() for k, v in module.model.base_mixture.state_dict().items()}

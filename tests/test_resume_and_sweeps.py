@@ -327,6 +327,22 @@ def test_sweep_jobs_get_wandb_names_and_summary_columns_of_their_overrides(tmp_p
 
 
 @pytest.mark.slow
+def test_a_crash_loses_one_epoch_even_after_the_validation_loss_stopped_improving(tmp_path):
+    """Lightning's save_last writes last.ckpt only with a new best checkpoint (2.6); the run's last.ckpt
+    must still be its last finished epoch when the best is an older one."""
+    root = fake_layouts.make_mvtec(tmp_path / "data", n_train=10, size=64)
+    # "best" = the largest validation loss, which falls from epoch to epoch: epoch 0 stays the best
+    overrides = [*TINY, "dataset=mvtec", f"dataset.root={root}", "trainer.max_epochs=3"]
+    cfg = compose_train([*overrides, "callbacks.model_checkpoint.mode=max"], tmp_path / "run")
+    with open_dict(cfg):
+        cfg.callbacks.crash = {"_target_": f"{__name__}.CrashAtEpoch", "epoch": 2}
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch_000.ckpt", "last.ckpt"]
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["epoch"] == 1
+
+
 def test_sigterm_exits_non_zero_and_says_how_to_resume(tmp_path):
     root = fake_layouts.make_mvtec(tmp_path / "mvtec", n_train=6, size=64)
     env = {**os.environ, "PROJECT_ROOT": str(tmp_path), "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}

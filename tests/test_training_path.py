@@ -84,10 +84,16 @@ def test_the_threshold_is_calibrated_once_per_kept_checkpoint_not_every_epoch(tm
     monkeypatch.setattr(NFATreeThreshold, "calibrate", lambda self: calls.append(1) or original(self))
     root = fake_layouts.make_mvtec(tmp_path / "data", n_train=8, size=64)
     data = ["dataset=mvtec", f"dataset.root={root}", "dataset.num_workers=0"]
-    cfg = compose_train(
-        [*TINY, *data, "trainer.max_epochs=3", "threshold.log_nfa_threshold=-1e6"], tmp_path / "run"
-    )
+    # "best" = the largest validation loss: an earlier epoch than the last, so two flows to calibrate
+    overrides = [
+        "trainer.max_epochs=3",
+        "threshold.log_nfa_threshold=-1e6",
+        "callbacks.model_checkpoint.mode=max",
+    ]
+    cfg = compose_train([*TINY, *data, *overrides], tmp_path / "run")
     metrics = train(cfg)
+    kept = sorted((tmp_path / "run" / "checkpoints").glob("*.ckpt"))
+    assert len({torch.load(path, weights_only=True)["global_step"] for path in kept}) == 2
     assert len(calls) == 2  # last.ckpt and the best epoch's file; not once per epoch
     datamodule = hydra.utils.instantiate(cfg.dataset)
     datamodule.setup("fit")

@@ -59,9 +59,18 @@ def interrupted_run_dir(ckpt_path: str | None) -> Path | None:
     )
 
 
+def kept_checkpoints(trainer: L.Trainer) -> tuple[str, str]:
+    """The fit's last and best checkpoint files so far ("" where there is none): last.ckpt is written at
+    every validation by the checkpoint callback without a monitor (``callbacks.last_checkpoint``), the
+    best by the first checkpoint callback (``callbacks.model_checkpoint``, best ``val/loss``)."""
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    last = next((cb.best_model_path for cb in trainer.checkpoint_callbacks if cb.monitor is None), "")
+    return last, best
+
+
 def _interrupted_message(trainer: L.Trainer) -> str:
     """What a SIGTERM'd run tells its user: where it stopped and how to resume."""
-    last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
+    last = kept_checkpoints(trainer)[0]
     if last:
         how = (
             f"resume from the last finished epoch with the same command plus ckpt_path={last} "
@@ -179,66 +188,60 @@ def continue_records(cfg: DictConfig, ckpt_path: str, run_dir: Path | None) -> N
             wandb.id, wandb.resume = run_id, "allow"
 
 
-def _store_in_checkpoint(path: str, parts: dict[str, torch.nn.Module]) -> None:
-    """Write each module's state into the checkpoint file at ``path`` under its prefix (one read, one
-    write)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+def _store_in_checkpoint(path: str, checkpoint: dict, parts: dict[str, torch.nn.Module]) -> None:
+    """Write each module's state into ``checkpoint`` (the contents of the file at ``path``) under its
+    prefix, and the result back to ``path``."""
     for prefix, module in parts.items():
         for key, value in module.state_dict().items():
             checkpoint["state_dict"][f"{prefix}.{key}"] = value.detach().cpu().clone()
     torch.save(checkpoint, path)
 
 
-def _fit_mixture(
-    trainer: L.Trainer, model: UFlowModule, datamodule: AnomalyDataModule, step: int | None, done: dict
-) -> None:
-    """Fit the model's base mixture to the training latents, unless the flow of global ``step`` was
-    fitted already: ``done`` maps the steps fitted so far to their mixtures (the best checkpoint is
-    often the last one)."""
-    mixture = model.model.base_mixture
-    if step is not None and step in done:
-        mixture.load_state_dict(done[step])
-        return
-    model.to(trainer.strategy.root_device)
-    # the batches of the first epoch: images the feature cache holds (of a limited run, too)
-    batches = datamodule.training_batches(trainer.limit_train_batches)
-    model.fit_base_mixture(datamodule.train_dataloader(), batches)
-    done[step] = {k: v.clone() for k, v in mixture.state_dict().items()}
+def _complete(
+    trainer: L.Trainer, model: UFlowModule, datamodule: AnomalyDataModule, mixture: bool, calibrate: bool
+) -> dict[str, torch.nn.Module]:
+    """Fit the model's base mixture to the training latents, then calibrate its threshold on the
+    validation images with that mixture; the modules that changed, by their checkpoint prefix."""
+    parts = {}
+    if mixture:
+        model.to(trainer.strategy.root_device)
+        # the batches of the first epoch: images the feature cache holds (of a limited run, too)
+        batches = datamodule.training_batches(trainer.limit_train_batches)
+        model.fit_base_mixture(datamodule.train_dataloader(), batches)
+        parts["model.base_mixture"] = model.model.base_mixture
+    if calibrate:
+        trainer.validate(model, datamodule=datamodule, verbose=False)
+        parts["threshold"] = model.threshold
+    return parts
 
 
 def finish_kept_checkpoints(trainer: L.Trainer, model: UFlowModule, datamodule: AnomalyDataModule) -> None:
     """Complete each checkpoint the fit kept (the last and the best) with what needs the trained flow,
     and store it in the file: the base mixture fitted to the training latents
     (``flow.base_mixture_components``), then the threshold calibrated on the validation images. The
-    fit's validations skip both, since only the tested checkpoint's are ever used. Without checkpoint
-    files, the model in memory."""
+    fit's validations skip both, since only the tested checkpoint's are ever used. Each file is read
+    once and written once; a best checkpoint of the last one's step (the usual case) is completed once
+    for both. Without checkpoint files, the model in memory."""
     mixture, calibrate = model.model.base_mixture is not None, model.threshold.needs_calibration
     if not (mixture or calibrate):
         return
-    callback = trainer.checkpoint_callback
-    paths = [] if callback is None else [callback.last_model_path, callback.best_model_path]
-    paths = list(dict.fromkeys(p for p in paths if p and Path(p).is_file()))  # the best one last
+    paths = list(dict.fromkeys(p for p in kept_checkpoints(trainer) if p and Path(p).is_file()))  # best last
     model.calibrate_in_validation = True
-    start, fitted = time.perf_counter(), {}
+    start, flows, completed_step, parts = time.perf_counter(), 0, None, {}
     for path in paths or [None]:
-        step = None
-        if path is not None:  # the checkpoint's weights, read once for both parts
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-            model.load_state_dict(checkpoint["state_dict"])
-            step = checkpoint["global_step"]
-        parts = {}
-        if mixture:
-            _fit_mixture(trainer, model, datamodule, step, fitted)
-            parts["model.base_mixture"] = model.model.base_mixture
-        if calibrate:  # the model as it stands: the checkpoint's flow, its mixture fitted
-            trainer.validate(model, datamodule=datamodule, verbose=False)
-            parts["threshold"] = model.threshold
-        if path is not None and trainer.is_global_zero:
-            _store_in_checkpoint(path, parts)
+        checkpoint = None if path is None else torch.load(path, map_location="cpu", weights_only=True)
+        step = None if checkpoint is None else checkpoint["global_step"]
+        if step is None or step != completed_step:
+            if checkpoint is not None:
+                model.load_state_dict(checkpoint["state_dict"])
+            parts = _complete(trainer, model, datamodule, mixture, calibrate)
+            completed_step, flows = step, flows + 1
+        if checkpoint is not None and trainer.is_global_zero:
+            _store_in_checkpoint(path, checkpoint, parts)
         trainer.strategy.barrier("finish_kept_checkpoints")
     if mixture:
-        log.info("Base mixture of %d Gaussians per scale fitted to the training latents of %d flows",
-                 model.model.base_mixture.components, len(fitted))  # fmt: skip
+        log.info("Base mixture of %d Gaussians per scale fitted to the training latents of %d flow(s)",
+                 model.model.base_mixture.components, flows)  # fmt: skip
     if calibrate:
         log.info("Threshold %s calibrated on the validation images: level %.4g",
                  type(model.threshold).__name__, model.threshold.level)  # fmt: skip
@@ -311,7 +314,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         finish_kept_checkpoints(trainer, model, datamodule)
         metrics["time/fit_s"] = time.perf_counter() - start
     if cfg.get("test"):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        best = kept_checkpoints(trainer)[1]
         start = time.perf_counter()
         if cfg.get("train") and best:
             log.info("Testing the best checkpoint %s", best)

@@ -168,8 +168,12 @@ def versus_row(case: str, ours: dict[str, float], baseline: dict[str, float]) ->
 
 def best_checkpoint(run_dir: Path) -> Path:
     """The checkpoint that training tested: the one kept for the best ``val/loss``."""
-    (best,) = (p for p in (run_dir / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt")
-    return best
+    best = [p for p in sorted((run_dir / "checkpoints").glob("*.ckpt")) if p.name != "last.ckpt"]
+    if len(best) != 1:
+        raise FileNotFoundError(
+            f"{run_dir / 'checkpoints'}: expected one best checkpoint (epoch_*.ckpt), got {best}"
+        )
+    return best[0]
 
 
 @contextlib.contextmanager

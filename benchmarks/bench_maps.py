@@ -31,10 +31,12 @@ from pathlib import Path
 
 import hydra
 import torch
+from bench_accuracy import best_checkpoint
 from omegaconf import OmegaConf
 from torchmetrics.functional.classification import binary_auroc
 from torchvision.transforms.functional import gaussian_blur
 
+from uflow_exp.data.datamodule import AnomalyDataModule
 from uflow_exp.metrics import PixelAUPRO, PixelAUROC
 from uflow_exp.models.uflow.anomaly_map import merged_map, relative_map
 from uflow_exp.models.uflow.lightning_module import UFlowModule
@@ -74,18 +76,22 @@ def variants(n_scales: int) -> dict[str, Callable[[list[torch.Tensor], int], tor
     return maps
 
 
+def load_run(run: Path, *stages: str) -> tuple[UFlowModule, AnomalyDataModule]:
+    """A training run's tested (best) checkpoint, in eval mode, and its data set, set up for ``stages``
+    ("fit", "test")."""
+    module = UFlowModule.from_checkpoint(str(best_checkpoint(run))).eval()
+    datamodule = hydra.utils.instantiate(OmegaConf.load(run / "config_resolved.yaml").dataset)
+    datamodule.prepare_data()
+    for stage in stages:
+        datamodule.setup(stage)
+    return module, datamodule
+
+
 def test_latents(
     run: Path,
 ) -> tuple[UFlowModule, list[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]]]:
     """The run's best checkpoint and, per test batch, its latents, masks and labels."""
-    cfg = OmegaConf.load(run / "config_resolved.yaml")
-    best = [p for p in sorted((run / "checkpoints").glob("*.ckpt")) if p.name != "last.ckpt"]
-    if not best:
-        raise FileNotFoundError(f"{run / 'checkpoints'}: no best checkpoint (epoch_*.ckpt)")
-    module = UFlowModule.from_checkpoint(str(best[-1])).eval()
-    datamodule = hydra.utils.instantiate(cfg.dataset)
-    datamodule.prepare_data()
-    datamodule.setup("test")
+    module, datamodule = load_run(run, "test")
     batches = []
     with torch.inference_mode():
         for batch in datamodule.test_dataloader():

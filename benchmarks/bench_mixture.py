@@ -18,9 +18,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import hydra
 import torch
-from omegaconf import OmegaConf
+from bench_maps import load_run
 from torchmetrics.functional.classification import binary_auroc
 
 import uflow_exp.models.uflow.base_mixture as base_mixture
@@ -59,16 +58,9 @@ def main() -> None:
     print(f"variance floor {args.variance_floor:g}, at most {args.fit_points} vectors per scale\n")
     print("| run | components | pixel AUROC | AUPRO@0.3 | image AUROC |\n|---|---|---|---|---|")
     for run in args.runs:
-        best = [p for p in sorted((run / "checkpoints").glob("*.ckpt")) if p.name != "last.ckpt"]
-        if not best:
-            raise FileNotFoundError(f"{run / 'checkpoints'}: no best checkpoint (epoch_*.ckpt)")
-        module = UFlowModule.from_checkpoint(str(best[-1])).eval()
+        module, datamodule = load_run(run, "fit", "test")
         if module.model.base_mixture is None:
             raise ValueError(f"{run}: trained with flow.base_mixture_components=0, no mixture to refit")
-        datamodule = hydra.utils.instantiate(OmegaConf.load(run / "config_resolved.yaml").dataset)
-        datamodule.prepare_data()
-        datamodule.setup("fit")
-        datamodule.setup("test")
         for components in args.components:
             row = refitted_scores(module, datamodule, components, args.fit_points)
             print(f"| {run} | {components} | {' | '.join(f'{v:.3f}' for v in row)} |", flush=True)

@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import hydra
 import matplotlib
 import torch
+from bench_maps import load_run
 from omegaconf import OmegaConf
 
 from uflow_exp.models.uflow.lightning_module import UFlowModule
@@ -44,13 +44,8 @@ def main() -> None:
     parser.add_argument("run", type=Path, help="a training run's folder")
     parser.add_argument("--out", type=Path, required=True, help="the figure (PNG)")
     args = parser.parse_args()
+    module, datamodule = load_run(args.run, "fit", "test")
     cfg = OmegaConf.load(args.run / "config_resolved.yaml")
-    (best,) = (p for p in (args.run / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt")
-    module = UFlowModule.from_checkpoint(str(best)).eval()
-    datamodule = hydra.utils.instantiate(cfg.dataset)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    datamodule.setup("test")
     val_sig, _, val_labels = image_scores(module, datamodule.val_dataloader())
     normal_scores = val_sig[val_labels == 0].sort().values
     test_sig, test_max, labels = image_scores(module, datamodule.test_dataloader())

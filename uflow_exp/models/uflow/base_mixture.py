@@ -55,6 +55,10 @@ class LatentMixture(nn.Module):
     def is_fitted(self) -> bool:
         return bool(self.fitted)
 
+    def _scale_buffers(self, scale: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scale ``scale``'s component means and variances (K, C) and log weights (K,): its buffers."""
+        return tuple(getattr(self, f"{name}_{scale}") for name in ("mean", "var", "log_weight"))
+
     def fit(self, samples: Sequence[torch.Tensor], seed: int = 0) -> None:
         """Fit each scale's mixture to its (N, C) latent vectors by EM (scikit-learn's, k-means started,
         with ``seed``). Fitting is a one-off on the CPU; the mixture then scores latents in torch (and in
@@ -86,7 +90,7 @@ class LatentMixture(nn.Module):
                         len(x), scale, components, self.components)  # fmt: skip
         gmm = GaussianMixture(components, covariance_type="diag", reg_covar=VARIANCE_FLOOR, random_state=seed)
         gmm.fit(x.double().cpu().numpy())
-        mean, var, log_weight = (getattr(self, f"{name}_{scale}") for name in ("mean", "var", "log_weight"))
+        mean, var, log_weight = self._scale_buffers(scale)
         mean.zero_()
         var.fill_(1.0)
         log_weight.fill_(-math.inf)
@@ -101,7 +105,7 @@ class LatentMixture(nn.Module):
         ``standard_likelihood``. Above 1 where a latent is likelier than the standard normal's peak
         (at most e^20). The squared distances are expanded into 1 x 1 convolutions (one per term), which
         need no (positions x components x channels) intermediate and export to ONNX as they are."""
-        mean, var, log_weight = (getattr(self, f"{name}_{scale}") for name in ("mean", "var", "log_weight"))
+        mean, var, log_weight = self._scale_buffers(scale)
         channels = zs.shape[1]
         if channels != mean.shape[1]:
             raise ValueError(f"scale {scale} has {mean.shape[1]} latent channels, got {channels}")

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,6 +40,7 @@ from uflow_exp.data import (
     Record,
 )
 from uflow_exp.data import stc as stc_layout
+from uflow_exp.data.records import split_off
 from uflow_exp.data.textures import generate
 from uflow_exp.utils import CONFIG_DIR
 
@@ -206,6 +208,54 @@ def test_lgg_splits_by_patient_with_tumour_only_in_test(tmp_path):
     assert {patient(r) for r in other.test_dataset.records} != test_patients
 
 
+def test_split_off_holds_out_whole_groups_and_reaches_the_fraction():
+    # 5 patients of 2, 3, 4, 5 and 6 slices: 20 slices, a fifth of them (4) held out
+    sizes = {"a": 2, "b": 3, "c": 4, "d": 5, "e": 6}
+    records = [Record(Path(f"{g}{i}.png"), None, 0, g) for g, n in sizes.items() for i in range(n)]
+    for seed in range(20):
+        kept, held = split_off(records, 0.2, seed)
+        held_groups = {r.group for r in held}
+        assert not held_groups & {r.group for r in kept}, seed
+        assert len(held) == sum(sizes[g] for g in held_groups) >= 4, seed
+        assert len(held_groups) < len(sizes), seed  # at least one group stays for training
+        # no group more than needed: without the last one drawn the fraction would not be reached
+        assert min(len(held) - sizes[g] for g in held_groups) < 4, seed
+        assert kept == [r for r in records if r not in held] and held == [r for r in records if r in held]
+    assert len({tuple(r.group for r in split_off(records, 0.2, seed)[1]) for seed in range(20)}) > 1
+    uneven = [Record(Path(f"{g}{i}.png"), None, 0, g) for g, n in (("few", 1), ("many", 9)) for i in range(n)]
+    for seed in range(10):  # never every group, even where the drawn ones fall short of the fraction
+        assert [r.group for r in split_off(uneven, 0.5, seed)[0]], seed
+
+
+def test_split_off_without_groups_is_the_seeded_image_split():
+    records = [Record(Path(f"{i}.png"), None, 0) for i in range(10)]
+    kept, held = split_off(records, 0.3, seed=7)
+    chosen = sorted(np.random.default_rng(7).permutation(10)[:3].tolist())
+    assert [int(r.image.stem) for r in held] == chosen
+    assert len(kept) == 7
+
+
+def test_split_off_of_one_group_splits_its_images_and_says_so(caplog):
+    records = [Record(Path(f"{i}.png"), None, 0, "only") for i in range(10)]
+    with caplog.at_level(logging.WARNING):
+        kept, held = split_off(records, 0.2, seed=0)
+    assert (len(kept), len(held)) == (8, 2)
+    assert "one group (only) holds every image" in caplog.text
+
+
+def test_lgg_validation_slices_come_from_patients_held_out_of_training(tmp_path):
+    root = make_lgg(tmp_path / "lgg", n_patients=6, n_slices=4, n_tumour=1)
+    dm = ready("lgg_mri", root=str(root))  # val_split=train, val_fraction 0.2
+    patient = lambda r: r.image.parent.name  # noqa: E731
+    val_patients = {patient(r) for r in dm.val_dataset.records}
+    train_patients = {patient(r) for r in dm.train_dataset.records}
+    assert len(val_patients) == 1 and len(train_patients) == 4 and not val_patients & train_patients
+    assert len(dm.val_dataset) == 3  # every normal slice of that patient
+    slices = ready("lgg_mri", root=str(root), val_whole_groups=False)
+    seen = {patient(r) for r in slices.train_dataset.records}
+    assert {patient(r) for r in slices.val_dataset.records} & seen  # slices of training patients
+
+
 def test_lgg_on_the_real_sample_slices():
     sample = shared_path("data", "lgg_mri_sample")
     dm = ready("lgg_mri", root=str(sample), val_split="test", image_size=256)
@@ -250,6 +300,15 @@ def test_stc_reads_pre_extracted_frame_folders(tmp_path):
     dm = ready("stc", root=str(root), cache_dir=str(tmp_path / "cache"), frame_stride=2, val_split="test")
     assert [r.image.name for r in dm.train_dataset.records] == ["000.jpg", "002.jpg", "004.jpg"] * 2
     assert not (tmp_path / "cache").exists()
+
+
+def test_stc_validation_frames_come_from_videos_held_out_of_training(tmp_path):
+    root = make_stc(tmp_path / "stc", n_train_videos=5, n_train_frames=4, pre_extracted=True)
+    dm = ready("stc", root=str(root), cache_dir=str(tmp_path / "cache"), frame_stride=1)
+    video = lambda r: r.image.parent.name  # noqa: E731
+    val_videos = {video(r) for r in dm.val_dataset.records}
+    assert len(val_videos) == 1 and not val_videos & {video(r) for r in dm.train_dataset.records}
+    assert len(dm.val_dataset) == 4
 
 
 def test_stc_undecodable_video_is_named_or_skipped(tmp_path, caplog):

@@ -96,6 +96,8 @@ class AnomalyDataModule(L.LightningDataModule):
             then unused.
         val_split: "train" validates on a seeded `val_fraction` of the normal training images
             (unsupervised); "test" validates on the test set, as the paper does (label leakage).
+        val_whole_groups: with val_split "train", hold out whole groups where the layout knows them
+            (LGG patients, ShanghaiTech videos: `split_off`); false splits the images themselves.
         seed: seeds every split (validation, LGG patients, folder tests) and the textures; kept apart
             from the training seed so that sweeping training seeds keeps the data fixed.
         on_bad_file: "error" stops at the first bad file; "warn" skips bad files and logs a count.
@@ -118,6 +120,7 @@ class AnomalyDataModule(L.LightningDataModule):
         num_workers: int = 0,
         val_split: str = "train",
         val_fraction: float = 0.2,
+        val_whole_groups: bool = True,
         seed: int = 0,
         on_bad_file: str = "error",
         verify_images: bool = True,
@@ -151,8 +154,7 @@ class AnomalyDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
-        self.val_split = val_split
-        self.val_fraction = val_fraction
+        self.val_split, self.val_fraction, self.val_whole_groups = val_split, val_fraction, val_whole_groups
         self.seed = seed
         self.on_bad_file = on_bad_file
         self.verify_images = verify_images
@@ -286,7 +288,7 @@ class AnomalyDataModule(L.LightningDataModule):
                     f"{where}: the {split} split is empty. Expected layout: {LAYOUTS[self.layout].EXPECTED}"
                 )
         if self.val_split == "train":
-            train, val = split_off(train, self.val_fraction, self.seed)
+            train, val = split_off(train, self.val_fraction, self.seed, self.val_whole_groups)
         else:
             val = test
         self.train_dataset = AnomalyDataset(train, self.image_size, self.eval_size, tiles=self.tiler)

@@ -34,7 +34,7 @@ def _patient_records(patient: Path, ctx: LayoutContext) -> list[Record]:
     records = []
     for image, mask in pair_masks(images, masks, lambda image: f"{image.stem}_mask", patient, ctx.problems):
         try:
-            records.append(Record(image, mask, int(read_mask(mask).any())))
+            records.append(Record(image, mask, int(read_mask(mask).any()), group=patient.name))
         except BadFileError as error:
             ctx.problems.report(error.path, error.reason)
     return records

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import shutil
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,11 +55,14 @@ MaskSource = Path | NpyFrame
 
 @dataclass(frozen=True)
 class Record:
-    """One sample: an image file, its mask (None: all normal) and its label (0 normal, 1 anomalous)."""
+    """One sample: an image file, its mask (None: all normal), its label (0 normal, 1 anomalous) and the
+    group it was taken from where the layout knows one (an MRI patient, a video): images of one group
+    are near-copies of each other, so a held-out split keeps a group whole (`split_off`)."""
 
     image: Path
     mask: MaskSource | None
     label: int
+    group: str | None = None
 
 
 class Splits(NamedTuple):
@@ -161,15 +165,39 @@ def two_digits(category: str | int | None) -> str | None:
     return f"{int(category):02d}" if isinstance(category, int) or str(category).isdigit() else category
 
 
-def split_off(records: Sequence[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """Hold out a seeded `fraction` of `records` (at least one); both parts keep their original order."""
+def split_off(
+    records: Sequence[Record], fraction: float, seed: int, whole_groups: bool = True
+) -> tuple[list[Record], list[Record]]:
+    """Hold out a seeded `fraction` of `records` (at least one); both parts keep their original order.
+    With `whole_groups`, records of one `Record.group` (a patient's slices, a video's frames) are held
+    out together: images
+    held out beside their group's others would be near-copies of training images, and the checkpoint
+    chosen and the threshold calibrated on them would be judged on images the model has as good as
+    seen, not on new ones as at test. Groups are drawn (seeded) until the held-out images reach the
+    fraction; records without a group are groups of one, so without groups this is a plain image split.
+    With a single group there is nothing to hold out whole, and the images are split (the log says so)."""
     count = len(records)
     held = max(1, round(count * fraction))
     if held >= count:
         raise DatasetError(f"cannot hold out {fraction:.0%} of {count} image(s) and keep some for training")
-    chosen = set(np.random.default_rng(seed).permutation(count)[:held].tolist())
-    kept = [r for i, r in enumerate(records) if i not in chosen]
-    return kept, [r for i, r in enumerate(records) if i in chosen]
+    keys = [r.group if whole_groups and r.group is not None else i for i, r in enumerate(records)]
+    groups = list(dict.fromkeys(keys))
+    if len(groups) == 1:
+        log.warning("one group (%s) holds every image: the held-out images are drawn from it", groups[0])
+        groups, keys = list(range(count)), list(range(count))
+    size = Counter(keys)
+    chosen: set = set()
+    taken = 0
+    for index in np.random.default_rng(seed).permutation(len(groups))[: len(groups) - 1].tolist():
+        if taken >= held:
+            break
+        chosen.add(groups[index])
+        taken += size[groups[index]]
+    named = sorted(str(g) for g in chosen if isinstance(g, str))
+    if named:
+        log.info("held out whole: %d of %d groups (%s)", len(named), len(groups), ", ".join(named))
+    kept = [r for r, key in zip(records, keys, strict=True) if key not in chosen]
+    return kept, [r for r, key in zip(records, keys, strict=True) if key in chosen]
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -235,5 +263,5 @@ def abnormal_records(
     ]
 
 
-def normal_records(images: Iterable[Path]) -> list[Record]:
-    return [Record(image, None, 0) for image in images]
+def normal_records(images: Iterable[Path], group: str | None = None) -> list[Record]:
+    return [Record(image, None, 0, group) for image in images]

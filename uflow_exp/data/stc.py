@@ -77,12 +77,14 @@ def _train_records(
         source = "frames" if _scene_folders(frames_dir, scene) else "videos"
     if source == "frames":
         folders = _scene_folders(require_dir(frames_dir, "stc", EXPECTED), scene)
-        return normal_records(frame for folder in folders for frame in list_images(folder)[::stride])
+        return [r for f in folders for r in normal_records(list_images(f)[::stride], group=f.name)]
     videos = sorted(require_dir(videos_dir, "stc", EXPECTED).glob(f"{scene}_*.avi"), key=natural_key)
     target = cache_dir / f"stride{stride}"
-    return normal_records(
-        frame for video in videos for frame in decode_video(video, target / video.stem, stride, problems)
-    )
+    return [
+        r
+        for video in videos
+        for r in normal_records(decode_video(video, target / video.stem, stride, problems), group=video.stem)
+    ]
 
 
 def _test_records(root: Path, scene: str, problems: FileProblems) -> list[Record]:

@@ -246,7 +246,7 @@ def test_evaluate_reproduces_the_test_metrics_of_training(tmp_path):
 def test_evaluate_without_a_data_set_takes_the_checkpoints_run_and_says_so(tmp_path, caplog):
     import shutil
 
-    from uflow_exp.tasks.evaluate import evaluate
+    from uflow_exp.tasks.evaluate import evaluate, run_dataset
     from uflow_exp.utils.checks import ConfigValueError
 
     root, _, trained, ckpt = _published_tree_run(tmp_path)
@@ -257,6 +257,12 @@ def test_evaluate_without_a_data_set_takes_the_checkpoints_run_and_says_so(tmp_p
     assert f"data set of the checkpoint's run: mvtec (root {root}" in caplog.text
     for key in ("test/pixel_auroc", "test/image_auroc", "test/miou"):
         assert evaluated[key] == pytest.approx(trained[key], rel=1e-6), key
+    # a run from before dataset.val_whole_groups validated on single images: so does its evaluation
+    config = tmp_path / "old" / "config_resolved.yaml"
+    config.parent.mkdir()
+    config.write_text("dataset:\n  layout: lgg_mri\n  val_split: train\n")
+    assert run_dataset(config.parent / "checkpoints" / "last.ckpt").val_whole_groups is False
+    assert run_dataset(ckpt).val_whole_groups is True  # a run of today's config keeps its own
     # a checkpoint away from its run folder: the data set must be named
     alone = shutil.copy(ckpt, tmp_path / "alone.ckpt")
     cfg = compose_train(["logger=csv", "trainer=cpu", f"ckpt_path={alone}"], tmp_path / "eval2", "eval")

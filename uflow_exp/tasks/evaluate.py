@@ -50,6 +50,8 @@ def run_dataset(ckpt: Path) -> DictConfig:
         "Evaluating on the data set of the checkpoint's run: %s (root %s, category %s); dataset=... "
         "names another", dataset.get("layout"), dataset.get("root"), dataset.get("category"),
     )  # fmt: skip
+    if "val_whole_groups" not in dataset:  # a run from before the key validated on single images
+        dataset.val_whole_groups = False
     return dataset
 
 

@@ -172,9 +172,10 @@ def split_off(
     With `whole_groups`, records of one `Record.group` (a patient's slices, a video's frames) are held
     out together: images held out beside their group's others would be near-copies of training images,
     and the checkpoint chosen and the threshold calibrated on them would be judged on images the model
-    has as good as seen, not on new ones as at test. Groups are drawn (seeded) until the held-out images reach the
-    fraction; records without a group are groups of one, so without groups this is a plain image split.
-    With a single group there is nothing to hold out whole, and the images are split (the log says so)."""
+    has as good as seen, not on new ones as at test. Groups are drawn (seeded) until the held-out images
+    reach the fraction; records without a group are groups of one, so without groups this is a plain
+    image split. With a single group there is nothing to hold out whole, and the images are split (the
+    log says so)."""
     count = len(records)
     held = max(1, round(count * fraction))
     if held >= count:

@@ -227,6 +227,18 @@ def test_split_off_holds_out_whole_groups_and_reaches_the_fraction():
         assert [r.group for r in split_off(uneven, 0.5, seed)[0]], seed
 
 
+def test_split_off_warns_when_whole_groups_hold_far_more_than_the_fraction(caplog):
+    two = [Record(Path(f"{g}{i}.png"), None, 0, g) for g in ("p1", "p2") for i in range(10)]
+    with caplog.at_level(logging.WARNING):
+        held = split_off(two, 0.2, seed=0)[1]
+    assert len(held) == 10
+    assert "hold 10 of 20 images, far more than the 20% asked for" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        split_off([Record(r.image, None, 0, f"{r.group}{r.image.stem[-1]}") for r in two], 0.2, seed=0)
+    assert "far more" not in caplog.text  # twenty groups of one image: the fraction is met
+
+
 def test_split_off_without_groups_is_the_seeded_image_split():
     records = [Record(Path(f"{i}.png"), None, 0) for i in range(10)]
     kept, held = split_off(records, 0.3, seed=7)

@@ -196,6 +196,12 @@ def split_off(
     named = sorted(str(g) for g in chosen if isinstance(g, str))
     if named:
         log.info("held out whole: %d of %d groups (%s)", len(named), len(groups), ", ".join(named))
+        if taken > 2 * held:
+            log.warning(
+                "the %d held-out groups hold %d of %d images, far more than the %.0f%% asked for (few, large "
+                "groups): dataset.val_whole_groups=false holds out single images instead",
+                len(named), taken, count, 100 * fraction,
+            )  # fmt: skip
     kept = [r for r, key in zip(records, keys, strict=True) if key not in chosen]
     return kept, [r for r, key in zip(records, keys, strict=True) if key in chosen]
 

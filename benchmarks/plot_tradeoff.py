@@ -19,7 +19,6 @@ from pathlib import Path
 import matplotlib
 import torch
 from bench_maps import load_run
-from omegaconf import OmegaConf
 
 from uflow_exp.models.uflow.lightning_module import UFlowModule
 
@@ -45,7 +44,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="the figure (PNG)")
     args = parser.parse_args()
     module, datamodule = load_run(args.run, "fit", "test")
-    cfg = OmegaConf.load(args.run / "config_resolved.yaml")
     val_sig, _, val_labels = image_scores(module, datamodule.val_dataloader())
     normal_scores = val_sig[val_labels == 0].sort().values
     test_sig, test_max, labels = image_scores(module, datamodule.test_dataloader())
@@ -78,7 +76,7 @@ def main() -> None:
         xlim=(0, 1),
         ylim=(0, 1.02),
     )
-    axes.set_title(f"{cfg.dataset.get('category') or cfg.dataset.layout}: n = {n} normal validation images")
+    axes.set_title(f"{datamodule.category or datamodule.layout}: n = {n} normal validation images")
     axes.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     figure.savefig(args.out, dpi=110)

@@ -32,7 +32,12 @@ def test_a_map_shifted_as_a_whole_becomes_its_unshifted_peer():
 def test_the_module_shows_the_relative_map_and_keeps_the_image_score_and_the_nfa(threshold, tmp_path):
     from hydra.utils import instantiate
 
-    settings = [*TINY, f"threshold={threshold}", "model.image_score_scales=null"]
+    settings = [
+        *TINY,
+        f"threshold={threshold}",
+        "model.image_score_scales=null",
+        "model.image_score_standardize=false",
+    ]
     cfg = compose_train([*settings, "threshold.calibrate_on_normal=false"] if threshold == "nfa_tree"
                         else settings, tmp_path)  # fmt: skip
     module = instantiate(cfg.model).eval()
@@ -60,7 +65,12 @@ def test_a_relative_image_score_is_the_peak_above_the_images_own_level(scales, t
     from hydra.utils import instantiate
 
     setting = f"model.image_score_scales={'null' if scales is None else scales}"
-    overrides = [setting, "model.image_score_relative_quantile=0.5", "threshold.calibrate_on_normal=false"]
+    overrides = [
+        setting,
+        "model.image_score_relative_quantile=0.5",
+        "model.image_score_standardize=false",
+        "threshold.calibrate_on_normal=false",
+    ]
     cfg = compose_train([*TINY, *overrides], tmp_path)
     module = instantiate(cfg.model).eval()
     images = torch.rand(3, 3, 64, 64)

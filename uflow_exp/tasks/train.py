@@ -200,8 +200,9 @@ def _store_in_checkpoint(path: str, checkpoint: dict, parts: dict[str, torch.nn.
 def _complete(
     trainer: L.Trainer, model: UFlowModule, datamodule: AnomalyDataModule, mixture: bool, calibrate: bool
 ) -> dict[str, torch.nn.Module]:
-    """Fit the model's base mixture to the training latents, then calibrate its threshold on the
-    validation images with that mixture; the modules that changed, by their checkpoint prefix."""
+    """Fit the model's base mixture to the training latents, then calibrate its threshold (and the image
+    score's per-scale statistics) on the validation images with that mixture; the modules that changed,
+    by their checkpoint prefix."""
     parts = {}
     if mixture:
         model.to(trainer.strategy.root_device)
@@ -212,17 +213,21 @@ def _complete(
     if calibrate:
         trainer.validate(model, datamodule=datamodule, verbose=False)
         parts["threshold"] = model.threshold
+        if model.score_standardizer is not None:
+            parts["score_standardizer"] = model.score_standardizer
     return parts
 
 
 def finish_kept_checkpoints(trainer: L.Trainer, model: UFlowModule, datamodule: AnomalyDataModule) -> None:
     """Complete each checkpoint the fit kept (the last and the best) with what needs the trained flow,
     and store it in the file: the base mixture fitted to the training latents
-    (``flow.base_mixture_components``), then the threshold calibrated on the validation images. The
+    (``flow.base_mixture_components``), then the threshold and the image score's per-scale statistics
+    (``model.image_score_standardize``) calibrated on the validation images. The
     fit's validations skip both, since only the tested checkpoint's are ever used. Each file is read
     once and written once; a best checkpoint of the last one's step (the usual case) is completed once
     for both. Without checkpoint files, the model in memory."""
-    mixture, calibrate = model.model.base_mixture is not None, model.threshold.needs_calibration
+    mixture = model.model.base_mixture is not None
+    calibrate = model.threshold.needs_calibration or model.score_standardizer is not None
     if not (mixture or calibrate):
         return
     paths = list(dict.fromkeys(p for p in kept_checkpoints(trainer) if p and Path(p).is_file()))  # best last

@@ -32,14 +32,27 @@ def merged_map(
 ) -> torch.Tensor:
     """One minus the mean of the scales' (B, 1, h, w) likelihood maps upsampled to ``size``, clipped at 0
     (a base mixture's likelihood may exceed 1: `base_mixture`), then blurred as ``anomaly_map`` says."""
-    probabilities = [
-        F.interpolate(p, size=as_shape(size), mode="bilinear", align_corners=False) for p in likelihoods
-    ]
-    amap = (1.0 - torch.stack(probabilities, dim=-1).mean(dim=-1)).clamp(min=0.0)
-    if blur_sigma > 0:
-        radius = max(1, int(4 * blur_sigma + 0.5))  # the kernel reaches 4 sigma, as scipy's does
-        amap = gaussian_blur(amap, [2 * radius + 1] * 2, [float(blur_sigma)] * 2)
-    return amap
+    probabilities = _upsampled(likelihoods, size)
+    return _blurred((1.0 - torch.stack(probabilities, dim=-1).mean(dim=-1)).clamp(min=0.0), blur_sigma)
+
+
+def scale_maps(
+    likelihoods: Sequence[torch.Tensor], size: int | tuple[int, int], blur_sigma: float = 0.0
+) -> torch.Tensor:
+    """Each scale's own map, ``1 - upsample(likelihood)`` (not clipped), as the channels of one (B, S, H, W)
+    tensor at ``size``, blurred as ``anomaly_map`` says; their mean, clipped at 0, is `merged_map`."""
+    return _blurred(torch.cat([1.0 - p for p in _upsampled(likelihoods, size)], dim=1), blur_sigma)
+
+
+def _upsampled(likelihoods: Sequence[torch.Tensor], size: int | tuple[int, int]) -> list[torch.Tensor]:
+    return [F.interpolate(p, size=as_shape(size), mode="bilinear", align_corners=False) for p in likelihoods]
+
+
+def _blurred(maps: torch.Tensor, blur_sigma: float) -> torch.Tensor:
+    if blur_sigma <= 0:
+        return maps
+    radius = max(1, int(4 * blur_sigma + 0.5))  # the kernel reaches 4 sigma, as scipy's does
+    return gaussian_blur(maps, [2 * radius + 1] * 2, [float(blur_sigma)] * 2)
 
 
 def relative_map(amap: torch.Tensor, quantile: float) -> torch.Tensor:

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from uflow_exp.metrics import AnomalyMetrics
 from uflow_exp.models.uflow.anomaly_map import relative_map
+from uflow_exp.models.uflow.image_score import ScalePeakStandardizer
 from uflow_exp.models.uflow.loss import nll_loss
 from uflow_exp.models.uflow.model import UFlow
 from uflow_exp.thresholds import Threshold
@@ -36,7 +37,8 @@ def _plain(value: Any) -> Any:
 class Maps(NamedTuple):
     """What the model makes of a batch: the anomaly map, the significance the threshold decides on,
     the NLL loss and the map the image score is the maximum of (None: the anomaly map), each None
-    when not asked for."""
+    when not asked for. Under ``image_score_standardize`` the score map is, until `_maps` reduces it,
+    each scale's map (B, scales, H, W)."""
 
     anomaly_map: torch.Tensor
     significance: torch.Tensor | None
@@ -89,6 +91,10 @@ class UFlowModule(L.LightningModule):
         image_score_relative_quantile: the image score's map (``image_score_scales``) against the
             image's own level the same way before its maximum is taken (None: as it is, the default):
             an image is scored by how far its peak rises above the rest of it.
+        image_score_standardize: the image score is the largest, over the scales it reads, of the
+            scale's peak in standard deviations above the normal validation images' peaks at that
+            scale (`ScalePeakStandardizer`, set where the threshold is calibrated); False: the maximum
+            of those scales' merged map.
         metric_bins: score bins of the pixel metrics (memory stays bounded; see uflow_exp.metrics).
     """
 
@@ -104,6 +110,7 @@ class UFlowModule(L.LightningModule):
         image_score_scales: int | None = None,
         map_relative_quantile: float | None = None,
         image_score_relative_quantile: float | None = None,
+        image_score_standardize: bool = False,
         metric_bins: int = 10_000,
     ) -> None:
         super().__init__()
@@ -119,6 +126,7 @@ class UFlowModule(L.LightningModule):
                 "image_score_scales": image_score_scales,
                 "map_relative_quantile": map_relative_quantile,
                 "image_score_relative_quantile": image_score_relative_quantile,
+                "image_score_standardize": image_score_standardize,
                 "metric_bins": metric_bins,
             },
             # the task logs the whole run config, nested; Lightning would flatten these beside it
@@ -135,6 +143,9 @@ class UFlowModule(L.LightningModule):
         self.image_score_scales = image_score_scales
         self.map_relative_quantile = map_relative_quantile
         self.image_score_relative_quantile = image_score_relative_quantile
+        n_scales = len(self.model.feature_extractor.channels)
+        scored = n_scales if image_score_scales is None else min(image_score_scales, n_scales)
+        self.score_standardizer = ScalePeakStandardizer(scored) if image_score_standardize else None
         self.val_metrics = AnomalyMetrics(n_bins=metric_bins)
         self.test_metrics = AnomalyMetrics(n_bins=metric_bins)
         self._val_anomalous = 0
@@ -268,14 +279,26 @@ class UFlowModule(L.LightningModule):
             )
         return mask.bool()
 
-    def _maps(self, batch: dict, loss: bool = False, significance: bool = True) -> Maps:
+    def _maps(
+        self, batch: dict, loss: bool = False, significance: bool = True, score_calibration: bool = False
+    ) -> Maps:
         """`Maps` of a batch of images at ``image_shape``, or of their cached ``features``: the
         significance and the loss only if asked. With ``map_relative_quantile`` the anomaly map is
         each whole image's map against its own level (after the tiles are blended), and so is the
         significance of the modes that threshold the map; the image score keeps the likelihood map,
-        against its own level only under ``image_score_relative_quantile``."""
+        standardised per scale under ``image_score_standardize`` (whose statistics take the batch's
+        normal images under ``score_calibration``), against its own level only under
+        ``image_score_relative_quantile``."""
         maps = self._image_maps(batch, loss, significance)
         score_map = maps.score_map
+        if self.score_standardizer is not None:
+            if score_calibration:
+                self.score_standardizer.update(score_map[(batch["label"] == 0).to(score_map.device)])
+            score_map = (
+                self.score_standardizer.score_map(score_map)
+                if self.score_standardizer.is_fitted()
+                else score_map.mean(dim=1, keepdim=True).clamp(min=0.0)  # the scales' merged map
+            )
         if self.image_score_relative_quantile is not None:
             score_map = maps.anomaly_map if score_map is None else score_map
             score_map = relative_map(score_map, self.image_score_relative_quantile)
@@ -330,17 +353,20 @@ class UFlowModule(L.LightningModule):
             z, log_jac_det = self._latents(batch, jac=loss)  # maps and thresholds need only the latents
             amap = self.model.anomaly_map(z, self.eval_size)
             nll = nll_loss(z, log_jac_det) if loss else None
-        k = self.image_score_scales
         signif = None
         if significance:
             with self._profiled("threshold_calibration"):
                 signif = self.threshold.significance_map(z, amap, tests)
-        return Maps(
-            amap,
-            signif,
-            nll,
-            None if k is None or k >= len(z) else self.model.anomaly_map(z[-k:], self.eval_size),
-        )
+        return Maps(amap, signif, nll, self._score_map(z))
+
+    def _score_map(self, z: list[torch.Tensor]) -> torch.Tensor | None:
+        """The map the image score reads, as `Maps` holds it: under ``image_score_standardize`` each
+        scale's own map, else the merged map of the ``image_score_scales`` coarsest (None: all, the
+        anomaly map itself)."""
+        if self.score_standardizer is not None:
+            return self.model.scale_maps(z[-self.score_standardizer.mean.numel() :], self.eval_size)
+        k = self.image_score_scales
+        return None if k is None or k >= len(z) else self.model.anomaly_map(z[-k:], self.eval_size)
 
     def _profiled(self, action: str):
         """The trainer's profiler around a validation-time ``action`` (a no-op unless profiling, and
@@ -366,7 +392,10 @@ class UFlowModule(L.LightningModule):
         self._val_anomalous = 0
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        amap, significance, loss, score_map = self._maps(batch, loss=True, significance=self._calibrating())
+        calibrating = self._calibrating()
+        amap, significance, loss, score_map = self._maps(
+            batch, loss=True, significance=calibrating, score_calibration=calibrating
+        )
         self.log(
             "val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(batch["label"])
         )
@@ -389,6 +418,8 @@ class UFlowModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.threshold.needs_calibration and self._calibrating():
             self.threshold.calibrate()
+        if self.score_standardizer is not None and self._calibrating():
+            self.score_standardizer.fit()
         anomalous = self.trainer.strategy.reduce(
             torch.tensor(float(self._val_anomalous), device=self.device), reduce_op="sum"
         )

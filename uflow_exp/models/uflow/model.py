@@ -13,7 +13,7 @@ from torch import nn
 
 from uflow_exp.utils.shapes import as_shape
 
-from .anomaly_map import merged_map, standard_likelihood
+from .anomaly_map import merged_map, scale_maps, standard_likelihood
 from .base_mixture import LatentMixture
 from .feature_extraction import build_feature_extractor
 from .flow import build_uflow_graph
@@ -206,6 +206,15 @@ class UFlow(nn.Module):
         # otherwise run in bfloat16 under trainer.precision=bf16-mixed, and the maps depend on it
         with torch.autocast(z[0].device.type, enabled=False):
             return merged_map(self.likelihoods(z), size, self.map_blur_sigma)
+
+    def scale_maps(
+        self, z: Sequence[torch.Tensor], size: int | tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """(B, len(z), H, W): the anomaly map of each scale of ``z`` (every scale, or the coarsest
+        ``len(z)``) on its own (`anomaly_map.scale_maps`), at ``size`` (None: the input's), in float32."""
+        size = self.input_shape if size is None else size
+        with torch.autocast(z[0].device.type, enabled=False):
+            return scale_maps(self.likelihoods(z), size, self.map_blur_sigma)
 
     def likelihoods(self, z: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Each scale's (B, 1, h, w) likelihood map of latents ``z`` (every scale, or the coarsest

@@ -6,9 +6,10 @@ training run's folder (`config_resolved.yaml` and `checkpoints/`), e.g. those th
 --keep DIR` leaves in DIR/<case>/run_seed<S>/. The base mixture (`flow.base_mixture_components`) is fitted
 after training, so other mixtures of the same flow need no training: for each setting the best
 checkpoint's mixture is refitted as the training task fits it (`UFlowModule.fit_base_mixture` on the
-run's training images) and the test set scored as the run scores it (the anomaly map against each
-image's level, the coarse-scale image score): pixel AUROC, AUPRO@0.3, image AUROC. With the run's own
-setting the row is the run's own test result.
+run's training images), the image score's per-scale statistics set again on the normal validation
+images (`model.image_score_standardize`), and the test set scored as the run scores it (the anomaly map
+against each image's level, the coarse-scale image score): pixel AUROC, AUPRO@0.3, image AUROC. With the
+run's own setting the row is the run's own test result.
 
 Development numbers: use it to choose what to measure with `bench_accuracy.py`, not as results.
 """
@@ -35,6 +36,10 @@ def refitted_scores(module: UFlowModule, datamodule, components: int, fit_points
     module.fit_base_mixture(datamodule.train_dataloader())
     auroc, aupro, scores, labels = PixelAUROC(), PixelAUPRO(), [], []
     with torch.inference_mode():
+        if module.score_standardizer is not None:  # the image score's per-scale statistics follow the mixture
+            for batch in datamodule.val_dataloader():
+                module._maps(batch, significance=False, score_calibration=True)
+            module.score_standardizer.fit()
         for batch in datamodule.test_dataloader():
             maps = module._maps(batch, significance=False)
             mask = module._eval_masks(batch)

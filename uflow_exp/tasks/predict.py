@@ -2,8 +2,9 @@
 
 Images take the training data path (``AnomalyDataset``: ``read_image``, resize; the model
 normalises) and the module's ``predict_step``. The CSV's score (the image score evaluation ranks
-images by: the maximum of the map of the ``model.image_score_scales`` coarsest scales, or of the whole
-map, against the image's own level under ``model.image_score_relative_quantile``), decision and
+images by: from the ``model.image_score_scales`` coarsest scales, or the whole map, standardised per
+scale under ``model.image_score_standardize``, against the image's own level under
+``model.image_score_relative_quantile``), decision and
 area are computed on the model's maps, as in evaluation; the files are resized back to each image's
 H x W.
 """

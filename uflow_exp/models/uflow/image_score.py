@@ -20,8 +20,9 @@ class ScalePeakStandardizer(nn.Module):
     maximum of its anomaly map, ``1 - likelihood``) over the normal validation images. An image then
     scores the largest, over those scales, of its own peak's distance above that mean in standard
     deviations: a scale whose normal peaks vary widely counts for less than one whose normal peaks are
-    steady, and a defect that only one scale sees is not averaged away by the others. Unfitted (fewer than ``MIN_NORMAL_IMAGES`` normal validation images, or none yet),
-    the score is the merged map of the same scales, as without it.
+    steady, and a defect that only one scale sees is not averaged away by the others. Unfitted (fewer
+    than ``MIN_NORMAL_IMAGES`` normal validation images, or none yet), the score is the merged map of the
+    same scales, as without it.
 
     Args:
         scales: how many scales the score reads.

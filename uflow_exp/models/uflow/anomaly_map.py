@@ -63,7 +63,12 @@ def relative_map(amap: torch.Tensor, quantile: float) -> torch.Tensor:
     another batch's lighting) is brought down to its peers, so a defect is judged by how far it rises
     above the rest of its own image. ``kthvalue`` rather than ``torch.quantile``, which refuses inputs
     above 16M values (a batch of large tiled images)."""
-    flat = amap.flatten(1)
-    k = max(1, math.ceil(quantile * flat.shape[1]))
-    level = flat.kthvalue(k, dim=1).values.view(-1, *[1] * (amap.dim() - 1))
+    level = quantile_level(amap.flatten(1), quantile).view(-1, *[1] * (amap.dim() - 1))
     return (1.0 + amap - level) * 0.5
+
+
+def quantile_level(values: torch.Tensor, quantile: float) -> torch.Tensor:
+    """The value that ``quantile`` of the last dimension's N values do not exceed: their order statistic
+    ``ceil(quantile N)`` (one per leading index)."""
+    k = max(1, math.ceil(quantile * values.shape[-1]))
+    return values.kthvalue(k, dim=-1).values

@@ -8,21 +8,28 @@ import torch
 from torch import nn
 from torchmetrics.aggregation import CatMetric
 
+from .anomaly_map import quantile_level
+
 # the fewest normal validation images whose peaks may set a scale's mean and spread: with fewer, the
 # standard deviation is too rough to weigh one scale against another, and the score stays the merged map's
 MIN_NORMAL_IMAGES = 10
+# the share of an image's pixels (at one scale) below the level its relative peak is measured from: the
+# pixel map's own level (``model.map_relative_quantile``'s default)
+RELATIVE_LEVEL = 0.8
 
 log = logging.getLogger(__name__)
 
 
 class ScalePeakStandardizer(nn.Module):
-    """Per latent scale the image score reads, the mean and standard deviation of that scale's peak (the
-    maximum of its anomaly map, ``1 - likelihood``) over the normal validation images. An image then
-    scores the largest, over those scales, of its own peak's distance above that mean in standard
-    deviations: a scale whose normal peaks vary widely counts for less than one whose normal peaks are
-    steady, and a defect that only one scale sees is not averaged away by the others. Unfitted (fewer
-    than ``MIN_NORMAL_IMAGES`` normal validation images, or none yet), the score is the merged map of the
-    same scales, as without it.
+    """Per latent scale the image score reads, two peaks of that scale's anomaly map (``1 - likelihood``):
+    its maximum, and its maximum above the image's own ``RELATIVE_LEVEL`` level at that scale (how far the
+    peak rises above the rest of the image); for each, the mean and standard deviation over the normal
+    validation images. An image then scores the largest of its peaks in standard deviations above their
+    normal mean, over the scales and the two kinds: a scale whose normal peaks vary widely counts for less
+    than one whose normal peaks are steady, a defect that only one scale sees is not averaged away by the
+    others, and an image warm all over (another patient's contrast) is judged by its relative peak too.
+    Unfitted (fewer than ``MIN_NORMAL_IMAGES`` normal validation images, or none yet), the score is the
+    merged map of the same scales, as without it.
 
     Args:
         scales: how many scales the score reads.
@@ -32,23 +39,35 @@ class ScalePeakStandardizer(nn.Module):
         super().__init__()
         if scales < 1:
             raise ValueError(f"the image score reads at least one scale, got {scales}")
-        self.register_buffer("mean", torch.zeros(scales))
-        self.register_buffer("std", torch.ones(scales))
+        self.register_buffer("mean", torch.zeros(2, scales))  # rows: absolute, relative peaks
+        self.register_buffer("std", torch.ones(2, scales))
         self.register_buffer("normal_images", torch.tensor(0))  # how many set them; 0: unfitted
         self._peaks = CatMetric(nan_strategy="error")  # gathered over processes under DDP
+
+    @property
+    def scales(self) -> int:
+        return self.mean.shape[1]
 
     def is_fitted(self) -> bool:
         return int(self.normal_images) > 0
 
+    @staticmethod
+    def peaks(scale_maps: torch.Tensor) -> torch.Tensor:
+        """(B, 2, scales): each image's absolute and relative peak at each scale of its (B, scales, H, W)
+        maps."""
+        flat = scale_maps.flatten(2)
+        peak = flat.amax(dim=2)
+        return torch.stack([peak, peak - quantile_level(flat, RELATIVE_LEVEL)], dim=1)
+
     def update(self, scale_maps: torch.Tensor) -> None:
         """Take the (B, scales, H, W) per-scale maps of B normal validation images."""
         if len(scale_maps):
-            self._peaks.update(scale_maps.flatten(2).amax(dim=2).float())
+            self._peaks.update(self.peaks(scale_maps.float()).flatten(1))
 
     def fit(self) -> None:
-        """Set each scale's mean and standard deviation from the peaks taken since the last fit; with
+        """Set each peak's mean and standard deviation from the images taken since the last fit; with
         fewer than ``MIN_NORMAL_IMAGES`` images, stay (or become) unfitted and say so."""
-        peaks = self._peaks.compute().reshape(-1, self.mean.numel()) if self._peaks.update_called else None
+        peaks = self._peaks.compute().reshape(-1, 2, self.scales) if self._peaks.update_called else None
         self._peaks.reset()
         n = 0 if peaks is None else len(peaks)
         if n < MIN_NORMAL_IMAGES:
@@ -61,12 +80,16 @@ class ScalePeakStandardizer(nn.Module):
             self.normal_images.fill_(0)
             return
         self.mean.copy_(peaks.mean(dim=0))
-        # a scale whose normal peaks do not vary at all must not divide by zero
+        # a peak that does not vary at all on normal images must not divide by zero
         self.std.copy_(peaks.std(dim=0).clamp(min=1e-6))
         self.normal_images.fill_(n)
 
     def score_map(self, scale_maps: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W): at each pixel, the largest of the scales' maps in standard deviations above
-        their normal peaks' mean; its maximum is the image score."""
-        standardized = (scale_maps - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
-        return standardized.amax(dim=1, keepdim=True)
+        """(B, 1, H, W): at each pixel, the largest over the scales of its map, and of its map above the
+        image's own level, in standard deviations above the normal peaks' mean; its maximum is the image
+        score."""
+        level = quantile_level(scale_maps.flatten(2), RELATIVE_LEVEL)[..., None, None]
+        mean, std = self.mean[..., None, None], self.std[..., None, None]
+        absolute = (scale_maps - mean[0]) / std[0]
+        relative = (scale_maps - level - mean[1]) / std[1]
+        return torch.cat([absolute, relative], dim=1).amax(dim=1, keepdim=True)

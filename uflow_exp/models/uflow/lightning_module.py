@@ -364,7 +364,7 @@ class UFlowModule(L.LightningModule):
         scale's own map, else the merged map of the ``image_score_scales`` coarsest (None: all, the
         anomaly map itself)."""
         if self.score_standardizer is not None:
-            return self.model.scale_maps(z[-self.score_standardizer.mean.numel() :], self.eval_size)
+            return self.model.scale_maps(z[-self.score_standardizer.scales :], self.eval_size)
         k = self.image_score_scales
         return None if k is None or k >= len(z) else self.model.anomaly_map(z[-k:], self.eval_size)
 

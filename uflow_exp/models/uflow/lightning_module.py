@@ -92,9 +92,9 @@ class UFlowModule(L.LightningModule):
             image's own level the same way before its maximum is taken (None: as it is, the default):
             an image is scored by how far its peak rises above the rest of it.
         image_score_standardize: the image score is the largest, over the scales it reads, of the
-            scale's peak in standard deviations above the normal validation images' peaks at that
-            scale (`ScalePeakStandardizer`, set where the threshold is calibrated); False: the maximum
-            of those scales' merged map.
+            scale's peak and of its peak above the image's own level, in standard deviations above the
+            normal validation images' (`ScalePeakStandardizer`, set where the threshold is calibrated);
+            False: the maximum of those scales' merged map.
         metric_bins: score bins of the pixel metrics (memory stays bounded; see uflow_exp.metrics).
     """
 

@@ -42,7 +42,7 @@ class ScalePeakStandardizer(nn.Module):
         self.register_buffer("mean", torch.zeros(2, scales))  # rows: absolute, relative peaks
         self.register_buffer("std", torch.ones(2, scales))
         self.register_buffer("normal_images", torch.tensor(0))  # how many set them; 0: unfitted
-        self._peaks = CatMetric(nan_strategy="error")  # gathered over processes under DDP
+        self._normal_peaks = CatMetric(nan_strategy="error")  # gathered over processes under DDP
 
     @property
     def scales(self) -> int:
@@ -62,13 +62,14 @@ class ScalePeakStandardizer(nn.Module):
     def update(self, scale_maps: torch.Tensor) -> None:
         """Take the (B, scales, H, W) per-scale maps of B normal validation images."""
         if len(scale_maps):
-            self._peaks.update(self.peaks(scale_maps.float()).flatten(1))
+            self._normal_peaks.update(self.peaks(scale_maps.float()).flatten(1))
 
     def fit(self) -> None:
         """Set each peak's mean and standard deviation from the images taken since the last fit; with
         fewer than ``MIN_NORMAL_IMAGES`` images, stay (or become) unfitted and say so."""
-        peaks = self._peaks.compute().reshape(-1, 2, self.scales) if self._peaks.update_called else None
-        self._peaks.reset()
+        taken = self._normal_peaks
+        peaks = taken.compute().reshape(-1, 2, self.scales) if taken.update_called else None
+        taken.reset()
         n = 0 if peaks is None else len(peaks)
         if n < MIN_NORMAL_IMAGES:
             log.warning(
@@ -87,7 +88,9 @@ class ScalePeakStandardizer(nn.Module):
     def score_map(self, scale_maps: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W): at each pixel, the largest over the scales of its map, and of its map above the
         image's own level, in standard deviations above the normal peaks' mean; its maximum is the image
-        score."""
+        score. Unfitted: the scales' merged map (their mean, clipped at 0)."""
+        if not self.is_fitted():
+            return scale_maps.mean(dim=1, keepdim=True).clamp(min=0.0)
         level = quantile_level(scale_maps.flatten(2), RELATIVE_LEVEL)[..., None, None]
         mean, std = self.mean[..., None, None], self.std[..., None, None]
         absolute = (scale_maps - mean[0]) / std[0]

@@ -294,11 +294,7 @@ class UFlowModule(L.LightningModule):
         if self.score_standardizer is not None:
             if score_calibration:
                 self.score_standardizer.update(score_map[(batch["label"] == 0).to(score_map.device)])
-            score_map = (
-                self.score_standardizer.score_map(score_map)
-                if self.score_standardizer.is_fitted()
-                else score_map.mean(dim=1, keepdim=True).clamp(min=0.0)  # the scales' merged map
-            )
+            score_map = self.score_standardizer.score_map(score_map)
         if self.image_score_relative_quantile is not None:
             score_map = maps.anomaly_map if score_map is None else score_map
             score_map = relative_map(score_map, self.image_score_relative_quantile)
